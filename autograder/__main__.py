@@ -1,0 +1,75 @@
+"""Command line of the autograder.
+
+    python -m autograder grade LAB|all --target labs|reference|PATH [--json FILE] [--csv FILE]
+    python -m autograder doctor
+    python -m autograder stubs [--check]                 regenerate labs/ from reference/
+    python -m autograder release OUT [--nbgrader]        write the student release (and an nbgrader course)
+
+`grade` exits 0 when grading finished, whatever the score, and non-zero only when the grader itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from autograder import runner
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m autograder", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    grade = commands.add_parser("grade", help="grade a lab (01, lab01_memory, ...) or all labs")
+    grade.add_argument("lab", help="a lab number or folder name, or 'all'")
+    grade.add_argument("--target", default="labs", help="labs (default), reference, or a submission directory/zip")
+    grade.add_argument("--json", help="write Gradescope's results.json here")
+    grade.add_argument("--csv", help="write one CSV row per test here")
+    grade.add_argument("--tests", nargs="*", help="only these test files of the lab (e.g. test_checkpoint.py)")
+    grade.add_argument("--public-only", action="store_true", help="skip hidden tests (what students can run)")
+    grade.add_argument("--quiet", action="store_true", help="the table without failure details")
+
+    commands.add_parser("doctor", help="what this machine can grade")
+
+    stubs = commands.add_parser("stubs", help="regenerate the student stubs in labs/ from reference/")
+    stubs.add_argument("--check", action="store_true", help="fail if labs/ differs instead of writing")
+
+    release = commands.add_parser("release", help="write the student release directory")
+    release.add_argument("out", help="the directory to create")
+    release.add_argument("--nbgrader", action="store_true", help="also write an nbgrader course (source/, release/)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "grade":
+            labs = runner.discover_labs() if args.lab == "all" else [args.lab]
+            card = runner.grade(labs, args.target, tests=args.tests, include_hidden=not args.public_only)
+            if args.json:
+                card.write_gradescope(args.json)
+            if args.csv:
+                card.write_csv(args.csv)
+            print(card.table(verbose=not args.quiet))
+        elif args.command == "doctor":
+            from autograder import doctor
+
+            print(doctor.report())
+        elif args.command == "stubs":
+            from autograder import release as release_tool
+
+            changed = release_tool.sync_stubs(check=args.check)
+            if args.check and changed:
+                print("labs/ is out of date with reference/ for:\n  " + "\n  ".join(changed))
+                return 1
+            print(f"{len(changed)} stub file(s) {'differ' if args.check else 'rewritten'}")
+        elif args.command == "release":
+            from autograder import release as release_tool
+
+            out = release_tool.write_release(args.out, nbgrader=args.nbgrader)
+            print(f"student release written to {out}")
+    except runner.GraderError as error:
+        print(f"autograder: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""One harness to run a function on `world_size` processes: for tests, notebooks and benchmarks alike.
+
+    results = run_distributed(worker, world_size=4, args=(config,), timeout_s=60)
+
+starts 4 fresh processes (spawn, so no thread or CUDA state is inherited), joins them in one process group through a
+TCP store that this process serves on a free port chosen by the OS (so two tests never race for a port), and runs
+`worker(info, *args)` on each, where `info` is a `common.dist.DistInfo`. It returns the workers' return values in rank
+order. The backend is NCCL when each rank can have its own GPU and gloo on CPU otherwise.
+
+Failures are loud and bounded:
+- a worker that raises: every rank is killed and `DistributedError` carries the first failing rank's traceback;
+- a worker that dies (segfault, `os._exit`, `sys.exit`): the same, naming the rank and its exit code;
+- a deadlock (say, one rank skips a collective): after `timeout_s`, every rank is killed and `DistributedTimeout`
+  names the ranks that had not finished.
+
+`worker` must be importable (defined at the top level of a module), because spawned processes import it by name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from common.dist import DistInfo, pick_backend
+
+
+class DistributedError(RuntimeError):
+    """A rank raised or died; the message holds its traceback."""
+
+
+class DistributedTimeout(DistributedError):
+    """Some ranks did not finish within the time limit (a deadlock, or far too much work)."""
+
+
+# -----------------------------------------------------------------------------
+# Public entry point
+
+
+def run_distributed(
+    worker: Callable[..., Any],
+    *,
+    world_size: int,
+    args: tuple = (),
+    backend: str = "auto",
+    timeout_s: float = 60.0,
+) -> list[Any]:
+    """Run `worker(info, *args)` on `world_size` ranks and return their results, ordered by rank.
+
+    Args:
+        worker: a top-level function `(DistInfo, *args) -> picklable`.
+        world_size: number of processes (>= 1).
+        args: extra picklable arguments, the same for every rank.
+        backend: "gloo", "nccl" or "auto" (NCCL when there is a GPU per rank).
+        timeout_s: wall-clock limit for the whole job.
+
+    Raises:
+        ValueError: bad world_size or backend.
+        RuntimeError: NCCL requested without a GPU per rank.
+        DistributedError / DistributedTimeout: as described in the module docstring.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if backend == "auto":
+        backend = pick_backend(world_size)
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo', 'nccl' or 'auto', got {backend!r}")
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise RuntimeError(f"NCCL needs one GPU per rank: world_size {world_size}, GPUs {torch.cuda.device_count()}")
+
+    # The store's server lives in this process; port 0 lets the OS pick a free port with no race.
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+    context = mp.get_context("spawn")
+    results: mp.Queue = context.Queue()
+    processes = [
+        context.Process(
+            target=_rank_main,
+            args=(worker, args, rank, world_size, backend, store.port, timeout_s, results),
+            name=f"rank{rank}",
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        return _collect(processes, results, world_size, timeout_s)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+            process.join(timeout=5)
+        results.close()
+        del store
+
+
+# -----------------------------------------------------------------------------
+# Parent side: wait for every rank, fail fast on the first error
+
+
+def _collect(processes: list, results: mp.Queue, world_size: int, timeout_s: float) -> list[Any]:
+    deadline = time.monotonic() + timeout_s
+    values: dict[int, Any] = {}
+    while len(values) < world_size:
+        try:
+            status, rank, payload = results.get(timeout=0.1)
+        except queue.Empty:
+            status = None
+        if status == "ok":
+            values[rank] = payload
+            continue
+        if status == "error":
+            raise DistributedError(f"rank {rank} of {world_size} raised:\n{payload}")
+        for rank, process in enumerate(processes):
+            # a rank that exited without reporting died hard (segfault, os._exit, killed)
+            if rank not in values and process.exitcode is not None and results.empty():
+                time.sleep(0.2)  # its last message may still be in flight
+                if results.empty():
+                    raise DistributedError(
+                        f"rank {rank} of {world_size} exited with code {process.exitcode} without returning a result"
+                    )
+        if time.monotonic() > deadline:
+            missing = [rank for rank in range(world_size) if rank not in values]
+            raise DistributedTimeout(
+                f"ranks {missing} of {world_size} did not finish within {timeout_s:.0f} s "
+                "(a deadlock: does every rank call the same collectives in the same order?)"
+            )
+    return [values[rank] for rank in range(world_size)]
+
+
+# -----------------------------------------------------------------------------
+# Child side
+
+
+def _rank_main(worker, args, rank, world_size, backend, port, timeout_s, results) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on shared hosts (GPU.md)
+    torch.set_num_threads(1)  # world_size processes share the machine's cores
+    try:
+        device = torch.device("cpu")
+        if backend == "nccl":
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
+        )
+        info = DistInfo(rank=rank, local_rank=rank, world_size=world_size, backend=backend, device=device)
+        value = worker(info, *args)
+        results.put(("ok", rank, value))
+    except BaseException:  # SystemExit included: a worker calling sys.exit is a failure, not a result
+        results.put(("error", rank, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

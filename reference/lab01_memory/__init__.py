@@ -1,0 +1,1 @@
+"""Lab 01: activation checkpointing and gradient accumulation."""
