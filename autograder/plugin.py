@@ -55,12 +55,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "hidden: a hidden test (instructor copy only)")
     # NVML-based device queries do not initialise CUDA, so the parent stays safe to fork
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    # Triton reads this when a kernel is defined: without a GPU, kernels run in its interpreter
-    if not (Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()):
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from common.target import use_target
+    from common.target import default_target, use_target
 
-    target = config.getoption("--target") or os.environ.get("SLM_TARGET", "labs")
+    target = config.getoption("--target") or default_target()
     config._autograder_target = use_target(target)
     config._autograder_results = []
 

@@ -194,10 +194,15 @@ def grade(labs: list[str], target: str, *, tests: list[str] | None = None, inclu
 def grade_lab(lab: str, target_dir: Path, *, tests: list[str] | None = None, include_hidden: bool = True,
               time_limit_scale: float = 1.0) -> list[TestResult]:
     lab_dir = AUTOGRADER_DIR / lab
-    paths = [lab_dir / t for t in tests] if tests else [lab_dir]
-    for path in paths:
-        if not path.exists():
-            raise GraderError(f"{lab}: no test file {path.name}")
+    paths = [lab_dir]
+    if tests:
+        # a part's hidden tests sit in hidden/<part stem>_hidden.py and are graded with it (when present)
+        paths = [lab_dir / t for t in tests]
+        for path in paths:
+            if not path.exists():
+                raise GraderError(f"{lab}: no test file {path.name}")
+        if include_hidden:
+            paths += [p for t in tests for p in sorted((lab_dir / "hidden").glob(f"{Path(t).stem}_hidden*.py"))]
     results_file = Path(tempfile.mkstemp(prefix=f"{lab}-", suffix=".json")[1])
     command = [
         sys.executable, "-m", "pytest", *map(str, paths),
@@ -213,7 +218,8 @@ def grade_lab(lab: str, target_dir: Path, *, tests: list[str] | None = None, inc
         [str(KIT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(KIT_ROOT / "reference")]
     )
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # never write .pyc files into a student's submission
-    env.setdefault("TRITON_INTERPRET", "0" if _has_cuda_hint() else "1")
+    if not _has_cuda_hint():
+        env.setdefault("TRITON_INTERPRET", "1")  # no GPU: Triton kernels run in the interpreter
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=KIT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True)

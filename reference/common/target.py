@@ -4,7 +4,7 @@ Every lab package has the same import name in both trees (`lab01_memory`), so wh
 directory is first on `sys.path`. `use_target` makes that choice for notebooks, slides and the autograder alike:
 
     from common.target import use_target
-    use_target()              # $SLM_TARGET if set, else "labs": the student's stubs
+    use_target()              # $SLM_TARGET if set, else the lab folder's parent, else "labs": the student's code
     use_target("reference")   # the complete implementation (CI and lectures)
     use_target("/path/to/submission")   # a directory laid out like labs/
 
@@ -25,9 +25,20 @@ KIT_ROOT = Path(__file__).resolve().parents[2]
 NAMED_TARGETS = {"labs": KIT_ROOT / "labs", "reference": KIT_ROOT / "reference"}
 
 
+def default_target() -> str:
+    """$SLM_TARGET; else, from inside a lab folder (a notebook's working directory), the folder that holds it;
+    else "labs". So a notebook under nbgrader runs the submission it sits in, and one in labs/ runs labs/."""
+    if os.environ.get("SLM_TARGET"):
+        return os.environ["SLM_TARGET"]
+    here = Path.cwd()
+    if here.name.startswith("lab") and here.name[3:5].isdigit() and (here / "__init__.py").exists():
+        return str(here.parent)
+    return "labs"
+
+
 def resolve_target(target: str | os.PathLike | None = None) -> Path:
     """The directory that holds the lab packages for `target` ("labs", "reference" or a path)."""
-    target = target if target is not None else os.environ.get("SLM_TARGET", "labs")
+    target = target if target is not None else default_target()
     path = NAMED_TARGETS.get(str(target), Path(target)).resolve()
     if not path.is_dir():
         raise FileNotFoundError(f"target {str(target)!r} is not a directory ({path})")
@@ -37,6 +48,9 @@ def resolve_target(target: str | os.PathLike | None = None) -> Path:
 def use_target(target: str | os.PathLike | None = None) -> Path:
     """Put the target's lab packages first on sys.path and forget any lab modules imported from elsewhere."""
     path = resolve_target(target)
+    # Triton reads this when a kernel is defined (at import): without a GPU, kernels run in its interpreter
+    if not has_gpu_device():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     # labs/ and reference/ hold packages of the same names: the target must come first
     for entry in list(sys.path):
         if entry and Path(entry).resolve() == path:
@@ -56,3 +70,15 @@ def check_lab(lab: str, target_dir: Path) -> None:
         raise ImportError(f"{lab} was not found in {target_dir}: is the folder {lab}/ there?")
     if target_dir.resolve() not in Path(spec.origin).resolve().parents:
         raise ImportError(f"{lab} resolved to {spec.origin}, outside the target {target_dir}")
+
+
+def presenter_target(lab: str) -> str:
+    """For lecture decks: $SLM_TARGET, else the reference when this checkout has it (the student release does not)."""
+    if os.environ.get("SLM_TARGET"):
+        return os.environ["SLM_TARGET"]
+    return "reference" if (NAMED_TARGETS["reference"] / lab / "__init__.py").exists() else "labs"
+
+
+def has_gpu_device() -> bool:
+    """Whether an NVIDIA GPU is present, without importing torch or initialising CUDA."""
+    return Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists()
