@@ -208,7 +208,7 @@ def grade_lab(lab: str, target_dir: Path, *, tests: list[str] | None = None, inc
         sys.executable, "-m", "pytest", *map(str, paths),
         "-p", "autograder.plugin", "--target", str(target_dir), "--results", str(results_file),
         "--time-limit-scale", str(time_limit_scale),
-        "-q", "--no-header", "--tb=short", "-p", "no:cacheprovider", "--rootdir", str(KIT_ROOT), "-o", "addopts=",
+        "-q", "--no-header", "--tb=short", "--import-mode=importlib", "-p", "no:cacheprovider", "--rootdir", str(KIT_ROOT), "-o", "addopts=",
     ]
     if not include_hidden:
         command += ["--ignore", str(lab_dir / "hidden")]
