@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from autograder import runner
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--tests", nargs="*", help="only these test files of the lab (e.g. test_checkpoint.py)")
     grade.add_argument("--public-only", action="store_true", help="skip hidden tests (what students can run)")
     grade.add_argument("--quiet", action="store_true", help="the table without failure details")
+    grade.add_argument("--time-limit-scale", type=float, default=float(os.environ.get("SLM_TIME_LIMIT_SCALE", 1.0)),
+                       help="multiply every test's time limit (a slow machine: 2; default $SLM_TIME_LIMIT_SCALE or 1)")
 
     commands.add_parser("doctor", help="what this machine can grade")
 
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "grade":
             labs = runner.discover_labs() if args.lab == "all" else [args.lab]
-            card = runner.grade(labs, args.target, tests=args.tests, include_hidden=not args.public_only)
+            card = runner.grade(labs, args.target, tests=args.tests, include_hidden=not args.public_only,
+                                time_limit_scale=args.time_limit_scale)
             if args.json:
                 card.write_gradescope(args.json)
             if args.csv:

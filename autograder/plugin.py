@@ -125,6 +125,7 @@ def _run_forked(item: pytest.Item):
             os.setpgid(0, 0)
             os.close(read_end)
             resource.setrlimit(resource.RLIMIT_FSIZE, (OUTPUT_LIMIT_BYTES, OUTPUT_LIMIT_BYTES))
+            signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; we want the child stopped, not EFBIG
             os.dup2(output.fileno(), 1)
             os.dup2(output.fileno(), 2)
             from _pytest.runner import runtestprotocol
@@ -178,8 +179,11 @@ def _run_forked(item: pytest.Item):
     reports = [item.config.hook.pytest_report_from_serializable(config=item.config, data=d)
                for d in payload["reports"]]
     record = _record_from_reports(item, reports, elapsed)
-    if payload["patched"] and record["outcome"] == "passed":
+    if payload["patched"]:
+        # a pass obtained after patching the comparison machinery proves nothing, so it is a failure
         message = "the code under test patched library functions the grader relies on: " + ", ".join(payload["patched"])
+        if record["outcome"] != "passed":
+            message += "\n" + record["message"]
         return _failed(item, message, tail, elapsed)
     return reports, record
 
