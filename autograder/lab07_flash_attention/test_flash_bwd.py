@@ -66,3 +66,14 @@ def test_backward_is_deterministic(make_qkv, attention_float64):
     second = flash_attn_bwd(q, k, v, o, lse, do, causal=True)
     for name, a, b in zip(("dQ", "dK", "dV"), first, second):
         assert torch.equal(a, b), f"flash_attn_bwd ({name}) differs between two runs on {describe(q=q, k=k)}"
+
+
+@pytest.mark.points(2)
+def test_backward_atomic_dq_variant(make_qkv, attention_float64, grads_float64):
+    """BackwardConfig(deterministic=False): dQ accumulated by atomics inside the dK/dV kernel, same gradients."""
+    from lab07_flash_attention.flash_bwd import BackwardConfig
+    from lab07_flash_attention.flash_fwd import KernelConfig
+
+    q, k, v, do = make_qkv(1, 4, 2, 57, 57, 16, seed=31)
+    config = BackwardConfig(dkdv=KernelConfig(block_m=16, block_n=32), dq=KernelConfig(), deterministic=False)
+    _check_backward(q, k, v, do, True, attention_float64, grads_float64, config=config, what=" (atomic dQ)")

@@ -1,0 +1,321 @@
+"""FlashAttention-2 forward in Triton: O = softmax(Q K^T * scale) V without ever storing the N x N scores.
+
+What it saves: the naive version writes the (B, H, Nq, Nk) score and probability matrices to GPU memory and reads them
+back, O(N^2) bytes moved and stored. This kernel keeps one (BLOCK_M, BLOCK_N) tile of scores in registers at a time,
+so memory is O(N) (O and the logsumexp L) and the HBM traffic is O(N^2 D / BLOCK_M) instead of O(N^2).
+
+Algorithm 1 of Dao 2023, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning",
+arXiv:2307.08691. One program owns one tile of BLOCK_M query rows and streams over the key/value tiles j:
+
+    S_j  = Q_i K_j^T * scale                                 (BLOCK_M, BLOCK_N), fp32
+    m'   = max(m, rowmax(S_j))                                the running row max
+    P_j  = exp(S_j - m')                                      un-normalised probabilities
+    l    = exp(m - m') * l + rowsum(P_j)                      the running row sum
+    acc  = exp(m - m') * acc + P_j V_j                        the un-normalised output
+    end: O_i = acc / l,   L_i = m + log(l)                    L is saved for the backward
+
+Hopper-friendly details (they are why this beats torch's own FlashAttention-2 build on an H100):
+- exp2 instead of exp: log2(e) is folded into the scale once, and the hardware has a native exp2.
+- Causal masking skips the key tiles that are entirely above the diagonal, and splits the loop in two stages: the full
+  tiles below the diagonal run without any mask arithmetic, only the few diagonal (or ragged-end) tiles are masked.
+- Under causal masking, the programs with the most work (the last query tiles) are launched first.
+- GQA/MQA: query head h reads key/value head h // (H / H_kv) through the strides, so K and V are never copied.
+
+Conventions (the same as flash-attn >= 2.1 and common.model.naive_attention): with Nq != Nk the causal mask is aligned
+to the bottom-right, query i sees keys j <= i + (Nk - Nq). A query row that sees no key at all gets O = 0, L = -inf.
+
+Usage:
+    o, lse = flash_attn_fwd(q, k, v, causal=True)      # q (B, H, Nq, D), k and v (B, H_kv, Nk, D)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2_E)
+LN_2 = 0.6931471805599453  # ln(2): converts a log2-domain logsumexp back to natural log
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # powers of two: tl.arange and tl.dot need them, and >= 16 for tl.dot
+
+# -----------------------------------------------------------------------------
+# Launch configuration
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one kernel.
+
+    block_m: query rows per program (power of two, >= 16 for tl.dot).
+    block_n: key rows per inner-loop step (power of two, >= 16).
+    num_warps: warps per program (4 or 8 on Hopper: 8 for 128-wide tiles at D = 128).
+    num_stages: software-pipelining depth of the K/V loads (shared memory grows with it).
+    """
+
+    block_m: int = 32
+    block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"KernelConfig.{name} ({value}) must be a power of two >= 16 (tl.dot needs it)")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"KernelConfig.num_warps ({self.num_warps}) must be 1, 2, 4, 8 or 16")
+        if self.num_stages < 1:
+            raise ValueError(f"KernelConfig.num_stages ({self.num_stages}) must be >= 1")
+
+
+def fwd_config(q: torch.Tensor) -> KernelConfig:
+    """Block sizes per device. Fixed and commented, never autotuned (the course's rule)."""
+    if q.device.type != "cuda":
+        # the interpreter runs each tile op in numpy: few, mid-sized tiles are fastest, and 32 still exercises masks
+        return KernelConfig(block_m=32, block_n=32, num_warps=1, num_stages=1)
+    D = q.shape[-1]
+    if q.dtype == torch.float32:
+        # fp32 is for checking correctness on a GPU: 4-byte tiles need small blocks to fit in shared memory
+        return KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    # Hopper (H100), bf16/fp16: 128-row query tiles keep the tensor cores busy; K/V tiles of 64 rows with a 3-deep
+    # pipeline fit in shared memory at D = 128. Chosen by the sweep in benchmark.py --sweep (results/ has the numbers).
+    if D <= 64:
+        return KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    return KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+
+
+# -----------------------------------------------------------------------------
+# Public entry point
+
+
+def flash_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention-2 forward (Algorithm 1 of arXiv:2307.08691) in one Triton kernel.
+
+    Args:
+        q: (B, H, Nq, D) queries; fp16/bf16/fp32 on CUDA, fp32 on CPU (the Triton interpreter). Any strides.
+        k: (B, H_kv, Nk, D) keys, same dtype and device; H_kv divides H (GQA; H_kv = 1 is MQA).
+        v: (B, H_kv, Nk, D) values.
+        causal: mask key j from query i unless j <= i + (Nk - Nq) (bottom-right aligned).
+        sm_scale: the softmax scale; default 1 / sqrt(D).
+        config: tile sizes and launch parameters; default `fwd_config(q)`, chosen per device.
+
+    Returns:
+        o: (B, H, Nq, D) in q's dtype, contiguous.
+        lse: (B, H, Nq) float32, L = logsumexp_j(q_i . k_j * sm_scale) (natural log), -inf for a row with no key.
+
+    Raises:
+        ValueError: shapes, head dim or devices that the kernel does not support.
+        TypeError: unsupported or mismatched dtypes.
+    """
+    # BEGIN SOLUTION
+    check_attention_inputs(q, k, v)
+    B, H, Nq, D = q.shape
+    H_kv, Nk = k.shape[1], k.shape[2]
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    config = config or fwd_config(q)
+    o = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(Nq, config.block_m), B * H)  # axis 0: query tile, axis 1: (batch, head)
+    _fwd_kernel[grid](
+        q, k, v, o, lse,
+        sm_scale * LOG2_E, Nq, Nk, H, H // H_kv,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        CAUSAL=causal, HEAD_DIM=D, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        INPUT_PRECISION=dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return o, lse
+    # END SOLUTION
+
+
+# -----------------------------------------------------------------------------
+# Launcher checks (shared with the backward)
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError/TypeError naming the value and the rule for anything the kernels cannot run.
+
+    Non-contiguous inputs are fine: every kernel takes all four strides of every tensor.
+    """
+    # BEGIN SOLUTION
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N, D), got shape {tuple(t.shape)}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"dtype {q.dtype} is not supported: use float16, bfloat16 or float32")
+    if q.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton "
+                             "(common.target.use_target() does it)")
+        if q.dtype != torch.float32:
+            # numpy has no bf16, and the interpreter's half-precision arithmetic is not what the GPU computes
+            raise TypeError(f"dtype {q.dtype} needs a CUDA GPU; on CPU (the Triton interpreter) use float32")
+    elif q.device.type != "cuda":
+        raise ValueError(f"device {q.device} is not supported: use cuda (or cpu through the Triton interpreter)")
+    B, H, Nq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in batch B and head dim D")
+    if k.shape[1] == 0 or H % k.shape[1]:
+        raise ValueError(f"the number of K/V heads ({k.shape[1]}) must divide the number of query heads ({H})")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim D ({D}) must be a power of two in {SUPPORTED_HEAD_DIMS}; pad q, k, v to one")
+    if min(q.shape) == 0 or k.shape[2] == 0:
+        raise ValueError(f"empty inputs are not supported: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    # END SOLUTION
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs are multiplied in full precision ("ieee"), not TF32, so they match a float64 reference."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# -----------------------------------------------------------------------------
+# The kernel
+
+
+@triton.jit
+def _fwd_kernel(
+    # pointers
+    Q, K, V, O, LSE,
+    # sizes and scalars
+    qk_scale,  # sm_scale * log2(e): scores come out in the log2 domain, ready for exp2
+    Nq, Nk, H, GROUP,  # GROUP = H // H_kv query heads share one K/V head
+    # strides (elements)
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    # meta-parameters
+    CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # D, a power of two in 16..128
+    BLOCK_M: tl.constexpr,  # query rows per program, power of two >= 16
+    BLOCK_N: tl.constexpr,  # key rows per step, power of two >= 16
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Program (m, bh) writes O[b, h, rows, :] and LSE[b, h, rows] for one tile of BLOCK_M query rows.
+
+    Grid axis 0 indexes the query tile (reversed under causal masking: the longest rows start first), axis 1 the
+    (batch, head) pair b * H + h.
+    """
+    # BEGIN SOLUTION
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    h_kv = h // GROUP  # GQA: the K/V head this query head reads, no copy
+    if CAUSAL:
+        start_m = (tl.num_programs(0) - 1 - pid_m) * BLOCK_M  # heaviest tiles first: better tail balance
+    else:
+        start_m = pid_m * BLOCK_M
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    # 64-bit base offsets: B * H * N * D can exceed 2^31 elements
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+
+    # Q tile is loaded once and stays in registers; rows past Nq read zeros and are never stored
+    q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < Nq, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 domain
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # un-normalised output, fp32 accumulation
+
+    # Key ranges: [0, full_end) is seen by every row of this tile (no mask needed), [full_end, end) needs masking
+    # (the causal diagonal and/or the ragged last tile), keys past `end` are invisible to every row: skipped.
+    causal_offset = Nk - Nq  # bottom-right alignment: query i sees keys j <= i + causal_offset
+    if CAUSAL:
+        full_end = tl.maximum(tl.minimum(start_m + causal_offset + 1, Nk), 0) // BLOCK_N * BLOCK_N
+        end = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_offset, Nk), 0)
+    else:
+        full_end = Nk // BLOCK_N * BLOCK_N
+        end = Nk
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n, offs_d,
+                               stride_kn, stride_kd, stride_vn, stride_vd, 0, full_end, Nk, causal_offset, qk_scale,
+                               MASKED=False, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, INPUT_PRECISION=INPUT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n, offs_d,
+                               stride_kn, stride_kd, stride_vn, stride_vd, full_end, end, Nk, causal_offset, qk_scale,
+                               MASKED=True, CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, INPUT_PRECISION=INPUT_PRECISION)
+
+    # Epilogue: normalise once (not per tile: FA-2's saving over FA-1), and save L = ln(sum exp(s)) for the backward.
+    # A row with no visible key (causal, Nq > Nk) has l = 0: O = 0 and L = -inf, as the empty logsumexp.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # log2 -> ln
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh \
+        + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=offs_m[:, None] < Nq)
+    tl.store(LSE + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)  # LSE is contiguous (B, H, Nq)
+    # END SOLUTION
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, q,
+    k_base, v_base, offs_m, offs_n, offs_d,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    lo, hi, Nk, causal_offset, qk_scale,
+    MASKED: tl.constexpr,  # False: every (row, key) pair in [lo, hi) is visible; True: apply bounds and causal masks
+    CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """The online-softmax loop over key tiles [lo, hi); returns the updated (acc, l_i, m_i)."""
+    # BEGIN SOLUTION
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=cols[:, None] < Nk, other=0.0)
+        else:
+            k = tl.load(k_ptrs)  # full tiles lie inside [0, Nk): no mask
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N), fp32 accumulation
+        if MASKED:
+            visible = cols[None, :] < Nk
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
+            s = tl.where(visible, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_sub[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_sub = m_new
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one FMA per score: scale and shift together
+        alpha = tl.math.exp2(m_i - m_sub)  # rescales what was accumulated under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=cols[:, None] < Nk, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        # P is rounded to the input dtype for the tensor-core matmul, as in FlashAttention-2; accumulation stays fp32
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+    # END SOLUTION
