@@ -51,7 +51,7 @@ def _best(table: dict) -> str | None:
     return min(timed, key=timed.get) if timed else None
 
 
-def sweep(budget_s: float = 150.0) -> dict:
+def sweep(budget_s: float = 110.0) -> dict:
     """Time each grid entry (causal, bf16); returns {section: {config: ms or 'failed: ...', 'best': config}}."""
     started = time.monotonic()
     results: dict = {}
