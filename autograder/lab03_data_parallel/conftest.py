@@ -31,8 +31,12 @@ def compare_tensors():
 
 @pytest.fixture
 def distributed():
-    """run_distributed, imported lazily (it imports nothing from the lab)."""
+    """run_distributed for the workers of workers.py, whose results travel as bytes (see workers.packed)."""
+    from autograder.lab03_data_parallel.workers import unpack
     from common.launch import run_distributed
 
-    return run_distributed
+    def run(worker, **kwargs):
+        return [unpack(result) for result in run_distributed(worker, **kwargs)]
+
+    return run
 

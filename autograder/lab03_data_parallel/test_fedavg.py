@@ -89,7 +89,7 @@ def test_rounds_reduce_the_loss():
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("tiny", max_seq_len=32))
     train, val = split_corpus(load_corpus(max_tokens=60_000))
-    config = FedAvgConfig(num_clients=4, clients_per_round=2, local_steps=3, batch_size=4, seq_len=32, lr=1.0)
+    config = FedAvgConfig(num_clients=4, clients_per_round=2, local_steps=3, batch_size=4, seq_len=32, lr=0.3)
     shards = split_non_iid(train, num_clients=4, seed=0)
     tokens, targets = get_batch(val, batch_size=16, seq_len=32, seed=0)
     with torch.no_grad():

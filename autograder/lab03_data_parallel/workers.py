@@ -9,6 +9,8 @@ come from `check_close` with the inputs described.
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import time
 
@@ -25,6 +27,24 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sca
 
 # -----------------------------------------------------------------------------
 # Shared by tests and workers
+
+
+def packed(worker):
+    """Return the worker's result as torch.save bytes. Tensors put on a multiprocessing queue travel as shared-memory
+    file descriptors that die with the rank that sent them, and ranks exit right after reporting: bytes do not."""
+
+    @functools.wraps(worker)
+    def wrapper(*args, **kwargs):
+        buffer = io.BytesIO()
+        torch.save(worker(*args, **kwargs), buffer)
+        return buffer.getvalue()
+
+    return wrapper
+
+
+def unpack(result):
+    """The inverse of `packed` (None, for a rank that died, stays None)."""
+    return None if result is None else torch.load(io.BytesIO(result), weights_only=False)
 
 
 def ring_cases(world_size: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -87,6 +107,7 @@ class _NoCollectives:
 # Ring collectives
 
 
+@packed
 def ring_worker(info, seed: int) -> dict:
     """Every ring collective on every case, next to torch's own collective on the same inputs."""
     from lab03_data_parallel.collectives import ring_all_gather, ring_all_reduce, ring_reduce_scatter
@@ -103,8 +124,13 @@ def ring_worker(info, seed: int) -> dict:
         start = sum(b[1] - b[0] for b in bounds[:rank])
         stop = start + bounds[rank][1] - bounds[rank][0]
         shard = x.reshape(-1)[start:stop].clone()
-        gathered = [torch.empty(b[1] - b[0], dtype=dtype, device=info.device) for b in bounds]
-        dist.all_gather(gathered, shard)
+        # torch's all_gather needs equal sizes: gather shards padded to the largest chunk, then trim
+        longest = max(b[1] - b[0] for b in bounds)
+        padded = torch.zeros(longest, dtype=dtype, device=info.device)
+        padded[: shard.numel()] = shard
+        gathered = [torch.empty(longest, dtype=dtype, device=info.device) for _ in bounds]
+        dist.all_gather(gathered, padded)
+        gathered = [g[: b[1] - b[0]] for g, b in zip(gathered, bounds)]
         with _NoCollectives():
             summed = ring_all_reduce(x.clone())
             averaged = ring_all_reduce(x.clone(), op="avg")
@@ -132,6 +158,7 @@ def ring_worker(info, seed: int) -> dict:
     return out
 
 
+@packed
 def ring_subgroup_worker(info, seed: int) -> list:
     """Two subgroups (even and odd ranks) run ring all-reduces at the same time: peers must be global ranks."""
     from lab03_data_parallel.collectives import ring_all_reduce
@@ -151,6 +178,7 @@ def ring_subgroup_worker(info, seed: int) -> list:
 # Data-parallel training
 
 
+@packed
 def ddp_train_worker(info, variants: list[str], steps: int, seed: int, local_batch: int = 2) -> dict:
     """Train each variant ("naive" or "bucketed:<cap MB>") for `steps` SGD steps, and the single-process model on
     the concatenated batch; replicas start from different seeds, so the broadcast is tested too."""
@@ -196,6 +224,7 @@ def ddp_train_worker(info, variants: list[str], steps: int, seed: int, local_bat
     return out
 
 
+@packed
 def mismatch_worker(info) -> dict:
     """Rank 1's model is narrower: NaiveDDP must raise ValueError on every rank (none may hang in the broadcast)."""
     from lab03_data_parallel.ddp_naive import NaiveDDP
@@ -213,6 +242,7 @@ def mismatch_worker(info) -> dict:
     return out
 
 
+@packed
 def overlap_worker(info, cap_mb: float) -> dict:
     """One bucketed backward with the event log on; dist.all_reduce is wrapped to record how many gradients were
     ready (by hooks of the test's own) each time it was called."""
@@ -252,6 +282,7 @@ def overlap_worker(info, cap_mb: float) -> dict:
     }
 
 
+@packed
 def no_sync_worker(info, num_microbatches: int, iterations: int, seed: int) -> dict:
     """Accumulate num_microbatches micro-batches per iteration (all but the last inside no_sync()); compare with the
     single-process large batch. Also counts all-reduce calls made inside no_sync()."""
@@ -306,6 +337,7 @@ def no_sync_worker(info, num_microbatches: int, iterations: int, seed: int) -> d
 # Fault tolerance (run through common.faulty_launch: the victim rank really dies)
 
 
+@packed
 def fault_worker(info, store_address, victim: int, die_at_call: int, calls: int, seed: int) -> list:
     """Every rank calls all_reduce `calls` times; the victim calls os._exit at the start of call `die_at_call`."""
     from lab03_data_parallel.fault_tolerant import FaultToleranceConfig, FaultTolerantAllReduce
