@@ -377,3 +377,42 @@ def check_fault_run(results: list, *, victim: int, die_at_call: int, calls: int,
                         inputs=inputs)
             assert torch.equal(result["got"], results[survivors[0]][call]["got"]), (
                 f"survivors disagree on the result of call {call} ({inputs})")
+
+
+# -----------------------------------------------------------------------------
+# NCCL (two GPUs)
+
+
+@packed
+def nccl_peer_worker(info, seed: int) -> dict:
+    """On NCCL under bf16 autocast: ring all-reduce against NCCL's, and one step of naive and bucketed DDP against
+    torch DDP (the peer), on a small model; gradients returned in fp32."""
+    from lab03_data_parallel.collectives import ring_all_reduce
+    from lab03_data_parallel.ddp_bucketed import BucketConfig, BucketedDDP
+    from lab03_data_parallel.ddp_naive import NaiveDDP
+
+    out: dict = {}
+    x = random_tensor(100_003, dtype=torch.bfloat16, seed=seed + info.rank).to(info.device)
+    expected = x.clone()
+    dist.all_reduce(expected)
+    out["ring bf16"] = (ring_all_reduce(x.clone()).float().cpu(), expected.float().cpu())
+    tokens, targets = global_batch(batch_size=4, step=info.rank, seed=seed, seq_len=128)
+    tokens, targets = tokens.to(info.device), targets.to(info.device)
+    for name in ("torch", "naive", "bucketed"):
+        torch.manual_seed(seed)
+        module = Transformer(ModelConfig.preset("small", tie_embeddings=True)).to(info.device)
+        if name == "torch":
+            model = torch.nn.parallel.DistributedDataParallel(module, device_ids=[info.local_rank])
+        elif name == "naive":
+            model = NaiveDDP(module, group=None)
+        else:
+            model = BucketedDDP(module, group=None, config=BucketConfig(bucket_cap_mb=1.0))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
+        if name == "naive":
+            model.sync_gradients()
+        elif name == "bucketed":
+            model.finish()
+        out[name] = {n: p.grad.float().cpu() for n, p in module.named_parameters()}
+    return out
