@@ -26,3 +26,9 @@ def make_model():
 @pytest.fixture
 def make_batch():
     return _make_batch
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the Triton kernel runs: compiled on a GPU when there is one, else the interpreter on CPU tensors."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

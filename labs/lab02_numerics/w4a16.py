@@ -23,6 +23,7 @@ Usage:
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -80,22 +81,31 @@ def w4a16_reference(x: torch.Tensor, weight: Int4Weight | NF4Weight) -> torch.Te
 
 
 def default_config(M: int, N: int, K: int, group_size: int) -> W4A16Config:
-    """Fixed tiles for decode-like shapes (M <= 16): one M tile, narrow N tiles, split K until the grid fills the GPU.
+    """Fixed tiles for decode-like shapes (M <= 16): one M tile, narrow N tiles, long K steps, and split K only when
+    the grid would otherwise leave SMs idle.
 
     Under the interpreter (CPU) the smallest legal tiles are fastest, so tests stay quick.
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         return W4A16Config(block_m=16, block_n=16, block_k=max(32, group_size), split_k=1, num_stages=1)
-    # 256 K-columns per step = 128 bytes of each weight row: one 128-byte transaction per row per step
-    block_k = max(group_size, 256)
-    while K % block_k:
+    # 512 K-columns per step = 256 bytes of each weight row; with 4 stages in flight, 16 KiB per program: enough
+    # outstanding loads to approach HBM bandwidth with ~2 programs per SM
+    block_k = max(group_size, 512)
+    while K % block_k and block_k > group_size:
         block_k //= 2
-    block_n = 32
+    block_n = 16  # N / 16 programs: 256 for N = 4096, so every one of the 132 SMs gets work without split-K
     programs = triton.cdiv(M, 16) * triton.cdiv(N, block_n)
     split_k = 1
-    while programs * split_k * 2 <= TARGET_PROGRAMS and (K // block_k) % (split_k * 2) == 0 and split_k < 8:
+    # split-K costs a second pass (the fp32 partial sums), so only to fill a GPU that would otherwise idle
+    while programs * split_k < TARGET_PROGRAMS // 2 and (K // block_k) % (split_k * 2) == 0 and split_k < 8:
         split_k *= 2
     return W4A16Config(block_m=16, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, num_stages=4)
+
+
+@functools.lru_cache(maxsize=None)
+def cached_codebook(device: torch.device) -> torch.Tensor:
+    """nf4_codebook() on `device`, built once (fp32, 16 values)."""
+    return nf4_codebook(device=device)
 
 
 def w4a16_matmul(x: torch.Tensor, weight: Int4Weight | NF4Weight, *, config: W4A16Config | None = None
