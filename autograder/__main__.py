@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     release = commands.add_parser("release", help="write the student release directory")
     release.add_argument("out", help="the directory to create")
     release.add_argument("--nbgrader", action="store_true", help="also write an nbgrader course (source/, release/)")
+    release.add_argument("--labs", nargs="*", help="only these labs (numbers or folder names); default all")
 
     args = parser.parse_args(argv)
     try:
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "release":
             from autograder import release as release_tool
 
-            out = release_tool.write_release(args.out, nbgrader=args.nbgrader)
+            labs = [runner.resolve_lab(lab) for lab in args.labs] if args.labs else None
+            out = release_tool.write_release(args.out, nbgrader=args.nbgrader, labs=labs)
             print(f"student release written to {out}")
     except runner.GraderError as error:
         print(f"autograder: {error}", file=sys.stderr)

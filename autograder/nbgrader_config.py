@@ -12,3 +12,13 @@ c.ExecutePreprocessor.timeout = 900
 c.ExecutePreprocessor.interrupt_on_timeout = True
 # a notebook that stops at a broken experiment still runs its graded cells
 c.Execute.allow_errors = True
+
+# nbgrader autograde normally copies every file of source/<lab>/ over the submission (so students cannot tamper with
+# provided files). A lab's Python modules are the student's work, so they must be kept: list them per assignment.
+# (The tests are not in the assignment at all: they live in the instructor's kit, which the grade cells run.)
+from pathlib import Path  # noqa: E402
+
+_source = Path(__file__).resolve().parent / "source"
+c.Autograde.exclude_overwriting = {
+    lab.name: sorted(p.relative_to(lab).as_posix() for p in lab.rglob("*.py")) for lab in _source.glob("lab*")
+}

@@ -19,6 +19,7 @@ release/ that `nbgrader generate_assignment` makes from it.
 from __future__ import annotations
 
 import ast
+import os
 import re
 import shutil
 import subprocess
@@ -124,8 +125,11 @@ def sync_stubs(*, check: bool = False, labs_dir: Path = LABS_DIR) -> list[str]:
 
 def solution_lines() -> set[str]:
     """The distinctive lines inside solution regions (for leak checks): stripped, at least 25 characters long, and
-    not also present outside the regions (a line the stubs keep anyway is no secret)."""
-    public = {line.strip() for text in expected_stubs().values() for line in text.splitlines()}
+    not also present outside them (a line the stubs, the shared code or the grader hold anyway is no secret)."""
+    public_texts = list(expected_stubs().values())
+    public_texts += [p.read_text() for p in (REFERENCE_DIR / "common").rglob("*.py")]
+    public_texts += [p.read_text() for p in AUTOGRADER_DIR.glob("*.py")]
+    public = {line.strip() for text in public_texts for line in text.splitlines()}
     found = set()
     for lab_dir in reference_labs():
         for path in lab_dir.rglob("*.py"):
@@ -160,24 +164,37 @@ The slides under slides/ run against your own code in this release (SLM_TARGET=l
 """
 
 
-def write_release(out: str | Path, *, nbgrader: bool = False) -> Path:
-    """Write the student release to `out` (which must not exist) and verify it holds no solution text."""
+def write_release(out: str | Path, *, nbgrader: bool = False, labs: list[str] | None = None) -> Path:
+    """Write the student release to `out` (which must not exist) and verify it holds no solution text.
+
+    Args:
+        out: the directory to create.
+        nbgrader: also write an nbgrader course under out/nbgrader.
+        labs: release only these lab folders (e.g. week by week); default every lab.
+    """
     out = Path(out).resolve()
     if out.exists():
         raise FileExistsError(f"release directory {out} already exists")
-    stale = sync_stubs(check=True)
+    labs = labs or [p.name for p in reference_labs()]
+    stale = [f for f in sync_stubs(check=True) if f.split("/")[0] in labs]
     if stale:
         raise RuntimeError(f"labs/ is out of date with reference/ ({', '.join(stale)}): run `python -m autograder stubs`")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints", "hidden")
-    shutil.copytree(LABS_DIR, out / "labs", ignore=ignore)
+    for lab in labs:
+        shutil.copytree(LABS_DIR / lab, out / "labs" / lab, ignore=ignore)
+        shutil.copytree(AUTOGRADER_DIR / lab, out / "autograder" / lab, ignore=ignore)
+        deck = KIT_ROOT / "slides" / f"{lab}.ipynb"
+        if deck.exists():
+            (out / "slides").mkdir(exist_ok=True)
+            shutil.copy2(deck, out / "slides" / deck.name)
+    for path in AUTOGRADER_DIR.glob("*.py"):  # the grader itself, without any lab's tests
+        shutil.copy2(path, out / "autograder" / path.name)
     shutil.copytree(REFERENCE_DIR / "common", out / "reference" / "common", ignore=ignore)
-    shutil.copytree(AUTOGRADER_DIR, out / "autograder", ignore=ignore)
-    shutil.copytree(KIT_ROOT / "slides", out / "slides", ignore=ignore)
     for name in ("pyproject.toml", "environment.yml", ".gitignore"):
         shutil.copy2(KIT_ROOT / name, out / name)
     (out / "README.md").write_text(RELEASE_README)
     if nbgrader:
-        write_nbgrader_course(out / "nbgrader")
+        write_nbgrader_course(out / "nbgrader", labs=labs)
     check_release(out)
     return out
 
@@ -204,12 +221,11 @@ def check_release(out: Path) -> None:
 # nbgrader course
 
 
-def write_nbgrader_course(course: Path) -> Path:
-    """source/<lab>/ (notebook and stubs) for every lab, the course config, and release/ made by nbgrader itself."""
+def write_nbgrader_course(course: Path, *, labs: list[str]) -> Path:
+    """source/<lab>/ (notebook and stubs) for each lab, the course config, and release/ made by nbgrader itself."""
     course.mkdir(parents=True)
     shutil.copy2(AUTOGRADER_DIR / "nbgrader_config.py", course / "nbgrader_config.py")
-    labs = [p for p in sorted(LABS_DIR.iterdir()) if p.is_dir() and LAB_PATTERN.match(p.name)]
-    for lab_dir in labs:
+    for lab_dir in (LABS_DIR / lab for lab in labs):
         source = course / "source" / lab_dir.name
         # the assignment folder *is* the lab package: a submission imports lab01_memory.checkpoint from it
         shutil.copytree(lab_dir, source, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
@@ -217,10 +233,18 @@ def write_nbgrader_course(course: Path) -> Path:
     return course
 
 
+def nbgrader_env() -> dict[str, str]:
+    """The environment nbgrader needs: it runs `alembic` from PATH, so this interpreter's bin/ goes first."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.pop("SLM_TARGET", None)  # each notebook grades the submission it sits in
+    return env
+
+
 def run_nbgrader(course: Path, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     """Run an nbgrader command in `course`; raise with its output if it fails."""
     command = [sys.executable, "-m", "nbgrader", *args]
-    result = subprocess.run(command, cwd=course, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=course, capture_output=True, text=True, timeout=timeout, env=nbgrader_env())
     if result.returncode:
         raise RuntimeError(f"`nbgrader {' '.join(args)}` failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
