@@ -28,6 +28,7 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -52,6 +53,7 @@ class BackwardConfig:
     dkdv: KernelConfig = field(default_factory=KernelConfig)
     dq: KernelConfig = field(default_factory=KernelConfig)
     deterministic: bool = True  # False: dQ by fp32 atomics in the dK/dV kernel (no dQ kernel; run-to-run noise)
+    overlap_dq: bool = True  # on CUDA, run the dQ kernel on a second stream, concurrently with the dK/dV kernel
 
     def __post_init__(self) -> None:
         for name in ("dkdv", "dq"):
@@ -69,14 +71,16 @@ def bwd_config(q: torch.Tensor) -> BackwardConfig:
         # correctness runs on a GPU: fp32 tiles are twice as large, keep them small enough for shared memory
         return BackwardConfig(dkdv=KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=1),
                               dq=KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=1))
-    # Hopper, bf16/fp16. The program that owns a tile keeps it, and its fp32 gradient accumulators, in registers, so
-    # the owned side is wide (128) and the streamed side narrow; the streamed loads are pipelined in shared memory.
-    # Chosen by benchmark.py --sweep on an H100 (results/ has the numbers).
+    # Hopper, bf16/fp16. The program that owns a tile keeps it, and its fp32 gradient accumulators, in registers;
+    # the streamed tiles are pipelined through shared memory. Chosen by benchmark.py --sweep on an H100
+    # (results/h100_run1_sweep.json): at D = 64, causal N = 16384, dK/dV on 64 x 64 tiles took 3.80 ms against 4.38
+    # for 64 x 128 (register pressure), and the dQ kernel was best with 128 x 64 tiles and 4 warps (3.65 ms in all).
     if q.shape[-1] <= 64:
-        return BackwardConfig(dkdv=KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=2),
-                              dq=KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2))
-    return BackwardConfig(dkdv=KernelConfig(block_m=32, block_n=128, num_warps=8, num_stages=2),
-                          dq=KernelConfig(block_m=128, block_n=32, num_warps=8, num_stages=2))
+        return BackwardConfig(dkdv=KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
+                              dq=KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3))
+    # D = 128 (B2 H16 N4096 causal): 1.05 ms with these, 1.11 ms with 64 x 128 dK/dV tiles and 8 warps
+    return BackwardConfig(dkdv=KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=4),
+                          dq=KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=2))
 
 
 # -----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -52,6 +53,7 @@ class BackwardConfig:
     dkdv: KernelConfig = field(default_factory=KernelConfig)
     dq: KernelConfig = field(default_factory=KernelConfig)
     deterministic: bool = True  # False: dQ by fp32 atomics in the dK/dV kernel (no dQ kernel; run-to-run noise)
+    overlap_dq: bool = True  # on CUDA, run the dQ kernel on a second stream, concurrently with the dK/dV kernel
 
     def __post_init__(self) -> None:
         for name in ("dkdv", "dq"):
@@ -69,14 +71,16 @@ def bwd_config(q: torch.Tensor) -> BackwardConfig:
         # correctness runs on a GPU: fp32 tiles are twice as large, keep them small enough for shared memory
         return BackwardConfig(dkdv=KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=1),
                               dq=KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=1))
-    # Hopper, bf16/fp16. The program that owns a tile keeps it, and its fp32 gradient accumulators, in registers, so
-    # the owned side is wide (128) and the streamed side narrow; the streamed loads are pipelined in shared memory.
-    # Chosen by benchmark.py --sweep on an H100 (results/ has the numbers).
+    # Hopper, bf16/fp16. The program that owns a tile keeps it, and its fp32 gradient accumulators, in registers;
+    # the streamed tiles are pipelined through shared memory. Chosen by benchmark.py --sweep on an H100
+    # (results/h100_run1_sweep.json): at D = 64, causal N = 16384, dK/dV on 64 x 64 tiles took 3.80 ms against 4.38
+    # for 64 x 128 (register pressure), and the dQ kernel was best with 128 x 64 tiles and 4 warps (3.65 ms in all).
     if q.shape[-1] <= 64:
-        return BackwardConfig(dkdv=KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=2),
-                              dq=KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2))
-    return BackwardConfig(dkdv=KernelConfig(block_m=32, block_n=128, num_warps=8, num_stages=2),
-                          dq=KernelConfig(block_m=128, block_n=32, num_warps=8, num_stages=2))
+        return BackwardConfig(dkdv=KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),
+                              dq=KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3))
+    # D = 128 (B2 H16 N4096 causal): 1.05 ms with these, 1.11 ms with 64 x 128 dK/dV tiles and 8 warps
+    return BackwardConfig(dkdv=KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=4),
+                          dq=KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=2))
 
 
 # -----------------------------------------------------------------------------
@@ -133,6 +137,13 @@ def flash_attn_bwd(
         HEAD_DIM=D, BLOCK_M=pre_m,
     )
 
+    # The dK/dV and dQ kernels only read what the preprocess wrote: on a GPU they can run side by side, the dQ kernel
+    # on a second stream, so that each fills the SMs the other's last (lightest) programs leave idle.
+    overlap = config.overlap_dq and config.deterministic and q.device.type == "cuda"
+    if overlap:
+        main_stream, side_stream = torch.cuda.current_stream(q.device), torch.cuda.Stream(device=q.device)
+        side_stream.wait_stream(main_stream)  # after the preprocess
+
     # 2. dK, dV: one program per (K/V tile, batch, K/V head), looping over the query heads of its group
     dk = torch.empty((B, H_kv, Nk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty_like(dk)
@@ -153,13 +164,17 @@ def flash_attn_bwd(
         return dq_acc.to(q.dtype), dk, dv  # accumulated by atomics in step 2
     dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     c = config.dq
-    _bwd_dq_kernel[(triton.cdiv(Nq, c.block_m), B * H)](
-        q, k, v, do, lse2, delta, dq,
-        sm_scale, sm_scale * LOG2_E, Nq, Nk, H, H // H_kv,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        CAUSAL=causal, HEAD_DIM=D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=Nq % c.block_m == 0,
-        INPUT_PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages,
-    )
+    with torch.cuda.stream(side_stream) if overlap else contextlib.nullcontext():
+        _bwd_dq_kernel[(triton.cdiv(Nq, c.block_m), B * H)](
+            q, k, v, do, lse2, delta, dq,
+            sm_scale, sm_scale * LOG2_E, Nq, Nk, H, H // H_kv,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            CAUSAL=causal, HEAD_DIM=D, BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=Nq % c.block_m == 0,
+            INPUT_PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages,
+        )
+    if overlap:
+        # dq is used on the main stream from here on; every buffer freed below is reused only after this point
+        main_stream.wait_stream(side_stream)
     return dq, dk, dv
     # END SOLUTION
 
