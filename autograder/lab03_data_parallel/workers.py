@@ -75,6 +75,15 @@ def global_batch(*, batch_size: int, step: int, seed: int, seq_len: int = 16) ->
     return get_batch(load_corpus(max_tokens=20_000), batch_size=batch_size, seq_len=seq_len, seed=seed * 100 + step)
 
 
+@torch.no_grad()
+def sgd_step(model: nn.Module, lr: float = 0.5) -> None:
+    """Plain SGD, then clear the gradients. (torch.optim's first step imports torch._dynamo: seconds per rank.)"""
+    for param in model.parameters():
+        if param.grad is not None:
+            param -= lr * param.grad
+            param.grad = None
+
+
 def _cpu_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
 
@@ -198,7 +207,6 @@ def ddp_train_worker(info, variants: list[str], steps: int, seed: int, local_bat
             sync = ddp.finish
             out[f"{variant} buckets"] = [list(b) for b in ddp.bucket_indices]
         out[f"{variant} initial"] = _cpu_params(ddp.module)
-        optimizer = torch.optim.SGD([p for p in ddp.module.parameters() if p.requires_grad], lr=0.5)
         for step in range(steps):
             tokens, targets = global_batch(batch_size=local_batch * world, step=step, seed=seed)
             tokens, targets = shard_batch(tokens, targets, rank=rank, world_size=world)
@@ -206,19 +214,16 @@ def ddp_train_worker(info, variants: list[str], steps: int, seed: int, local_bat
             sync()
             if step == steps - 1:
                 out[f"{variant} grads"] = _cpu_grads(ddp.module)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            sgd_step(ddp.module)
         out[f"{variant} params"] = _cpu_params(ddp.module)
     # the single-process reference on the same device: rank 0's initial model, the whole batch
     reference = make_model(seed=seed).to(info.device)
-    optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.5)
     for step in range(steps):
         tokens, targets = global_batch(batch_size=local_batch * world, step=step, seed=seed)
         reference.loss(tokens.to(info.device), targets.to(info.device)).backward()
         if step == steps - 1:
             out["reference grads"] = _cpu_grads(reference)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        sgd_step(reference)
     out["reference params"] = _cpu_params(reference)
     out["reference initial"] = _cpu_params(make_model(seed=seed))
     return out
@@ -302,7 +307,6 @@ def no_sync_worker(info, num_microbatches: int, iterations: int, seed: int) -> d
         local = 2 * num_microbatches
         ddp = BucketedDDP(make_model(seed=seed + rank).to(info.device), group=None,
                           config=BucketConfig(bucket_cap_mb=0.02))
-        optimizer = torch.optim.SGD([p for p in ddp.module.parameters() if p.requires_grad], lr=0.5)
         out: dict = {"calls_inside_no_sync": []}
         for iteration in range(iterations):
             tokens, targets = global_batch(batch_size=local * world, step=iteration, seed=seed)
@@ -316,20 +320,17 @@ def no_sync_worker(info, num_microbatches: int, iterations: int, seed: int) -> d
             (ddp.module.loss(*pieces[-1]) / num_microbatches).backward()
             ddp.finish()
             out[f"grads {iteration}"] = _cpu_grads(ddp.module)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            sgd_step(ddp.module)
     finally:
         dist.all_reduce = original
     reference = make_model(seed=seed).to(info.device)
-    optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.5)
     for iteration in range(iterations):
         tokens, targets = global_batch(batch_size=local * world, step=iteration, seed=seed)
         tokens, targets = tokens.to(info.device), targets.to(info.device)
         loss = reference.loss(tokens, targets)
         loss.backward()
         out[f"reference grads {iteration}"] = _cpu_grads(reference)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        sgd_step(reference)
     return out
 
 
