@@ -16,7 +16,9 @@ atomic adds (contended, and the sum order then changes from run to run). A secon
 and dP (2 more matmuls: 7 instead of 5) but writes each output exactly once: by default the backward is
 DETERMINISTIC, bit-for-bit the same on every run. `BackwardConfig(deterministic=False)` instead adds dS K_j into an
 fp32 dQ buffer with atomics inside the dK/dV kernel (what FlashAttention-2's CUDA code does): 5 matmuls, no dQ
-kernel, but NOT deterministic (the float sums arrive in a different order on every run).
+kernel, but NOT deterministic (the float sums arrive in a different order on every run); on an H100 it was 3x slower
+(atomic contention), see results/h100_run1_sweep.json. On a GPU the dQ kernel runs on a second CUDA stream, next to
+the dK/dV kernel: each fills the SMs the other's tail leaves idle (3.71 -> 3.43 ms at the leaderboard shape).
 
 GQA: the program for K/V head h_kv also loops over the H / H_kv query heads that share it, so dK and dV are summed in
 registers, never with atomics, and K/V are never copied. Causal masking skips the tiles that the forward skipped and

@@ -14,7 +14,8 @@ arXiv:2307.08691. One program owns one tile of BLOCK_M query rows and streams ov
     acc  = exp(m - m') * acc + P_j V_j                        the un-normalised output
     end: O_i = acc / l,   L_i = m + log(l)                    L is saved for the backward
 
-Hopper-friendly details (they are why this beats torch's own FlashAttention-2 build on an H100):
+Hopper-friendly details (they are why this beats torch's own FlashAttention-2 build on an H100: 428 against 313
+TFLOP/s, causal B4 H32 N4096 D128 bf16, results/h100_benchmark.json):
 - exp2 instead of exp: log2(e) is folded into the scale once, and the hardware has a native exp2.
 - Causal masking skips the key tiles that are entirely above the diagonal, and splits the loop in two stages: the full
   tiles below the diagonal run without any mask arithmetic, only the few diagonal (or ragged-end) tiles are masked.
