@@ -61,10 +61,10 @@ def test_one_local_step_equals_large_batch_sgd():
     corpus = load_corpus(max_tokens=20_000)
     batches = [get_batch(corpus, batch_size=n, seq_len=16, seed=40 + n) for n in (2, 5, 1)]
     states, counts = [], []
-    for tokens, targets in batches:
-        state, _ = client_update(model, [(tokens, targets)], lr=0.3)
+    for client_tokens, client_targets in batches:
+        state, _ = client_update(model, [(client_tokens, client_targets)], lr=0.3)
         states.append(state)
-        counts.append(tokens.shape[0])
+        counts.append(client_tokens.shape[0])
     averaged = fedavg_aggregate(states, counts)
     reference = copy.deepcopy(model)
     reference.loss(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])).backward()

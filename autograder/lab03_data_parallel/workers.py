@@ -78,10 +78,9 @@ def global_batch(*, batch_size: int, step: int, seed: int, seq_len: int = 16) ->
 @torch.no_grad()
 def sgd_step(model: nn.Module, lr: float = 0.5) -> None:
     """Plain SGD, then clear the gradients. (torch.optim's first step imports torch._dynamo: seconds per rank.)"""
-    for param in model.parameters():
-        if param.grad is not None:
-            param -= lr * param.grad
-            param.grad = None
+    for param in (p for p in model.parameters() if p.grad is not None):
+        param -= lr * param.grad
+        param.grad = None
 
 
 def _cpu_params(model: nn.Module) -> dict[str, torch.Tensor]:
