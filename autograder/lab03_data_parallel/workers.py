@@ -333,6 +333,41 @@ def no_sync_worker(info, num_microbatches: int, iterations: int, seed: int) -> d
     return out
 
 
+@packed
+def partly_unused_worker(info, steps: int, seed: int) -> dict:
+    """Only rank 0's loss uses `unused_head`: its hook fires on rank 0 and never on the others, so the ranks fill
+    their buckets in different orders (rank 0 during backward, the others in finish()) and must still agree."""
+    from lab03_data_parallel.ddp_bucketed import BucketConfig, BucketedDDP
+    from lab03_data_parallel.ddp_naive import shard_batch
+
+    def local_loss(model, tokens, targets, rank):
+        loss = model.loss(tokens, targets)
+        if rank == 0:
+            features = model.embed(tokens)[..., :8]  # (B, N, 8)
+            loss = loss + model.unused_head(features).pow(2).mean()
+        return loss
+
+    rank, world = info.rank, info.world_size
+    ddp = BucketedDDP(make_model(seed=seed + rank).to(info.device), group=None,
+                      config=BucketConfig(bucket_cap_mb=0.01))
+    reference = make_model(seed=seed).to(info.device)
+    out: dict = {}
+    for step in range(steps):
+        tokens, targets = global_batch(batch_size=2 * world, step=step, seed=seed)
+        tokens, targets = tokens.to(info.device), targets.to(info.device)
+        local_loss(ddp.module, *shard_batch(tokens, targets, rank=rank, world_size=world), rank).backward()
+        ddp.finish()
+        out[f"grads {step}"] = _cpu_grads(ddp.module)
+        sgd_step(ddp.module)
+        # the single-process equivalent: the mean over ranks of each rank's loss on its shard
+        total = sum(local_loss(reference, *shard_batch(tokens, targets, rank=r, world_size=world), r)
+                    for r in range(world)) / world
+        total.backward()
+        out[f"reference grads {step}"] = _cpu_grads(reference)
+        sgd_step(reference)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Fault tolerance (run through common.faulty_launch: the victim rank really dies)
 
