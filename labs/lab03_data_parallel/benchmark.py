@@ -6,9 +6,9 @@
    step of naive and bucketed DDP gives the gradients torch DDP gives.
 2. Throughput, all in this run: GPT-2-small (`ModelConfig.preset("gpt2")`, ~124 M parameters, tied embeddings) under
    bf16 autocast with fp32 master weights and fused AdamW, B8 N1024 per GPU: single GPU (each rank alone, no
-   communication), naive DDP, bucketed DDP at several caps, torch DDP (its defaults: 25 MiB buckets). Median step time
-   over CUDA-event-timed steps after warm-up; tokens/s = world_size * B * N / step time. Target: bucketed DDP >= 0.95x
-   torch DDP.
+   communication), naive DDP, bucketed DDP at several caps, torch DDP (its defaults: 25 MiB buckets). All variants are
+   built first and timed in interleaved rounds (CUDA events, median of round medians, the slowest rank's); tokens/s =
+   world_size * B * N / step time. Target: bucketed DDP >= 0.95x torch DDP.
 3. Bandwidth against message size: the ring all-reduce of collectives.py against `dist.all_reduce` (NCCL), reported
    as bus bandwidth, with the alpha-beta model fitted to the ring's times.
 
@@ -22,6 +22,7 @@ import datetime
 import gc
 import json
 import os
+import statistics
 from pathlib import Path
 
 import torch
@@ -45,13 +46,14 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024, help="N")
     parser.add_argument("--caps", type=float, nargs="+", default=[1.0, 5.0, 25.0, 100.0], help="bucket caps, MiB")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per variant, split over --rounds")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
     parser.add_argument("--model", default="gpt2", help="a ModelConfig preset")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="check the script itself on CPU with gloo (tiny model, tiny sizes; figures meaningless)")
     args = parser.parse_args()
     if args.cpu_smoke:
-        args.model, args.batch_size, args.seq_len, args.warmup, args.steps = "tiny", 2, 32, 1, 2
+        args.model, args.batch_size, args.seq_len, args.warmup, args.steps, args.rounds = "tiny", 2, 32, 1, 2, 2
     elif not torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", 1)) < 2:
         raise SystemExit("this benchmark needs CUDA GPUs and NCCL: run it with "
                          "`torchrun --nproc_per_node 2 -m lab03_data_parallel.benchmark` on a machine with 2+ GPUs")
@@ -119,23 +121,38 @@ def check_correctness(info, args) -> dict:
 
 
 def measure_throughput(info, args) -> dict:
+    """Every variant is built once, warmed up, then timed in `args.rounds` interleaved rounds whose order rotates, so
+    clock and thermal drift hit all variants alike. A variant's step time is the median of its round medians."""
     variants = ["single", "torch", "naive"] + [f"bucketed:{cap:g}" for cap in args.caps]
+    built = {}
+    for variant in variants:
+        name, _, cap = variant.partition(":")
+        built[variant] = _build(name, info, args, cap_mb=float(cap or 25.0))
+        for _ in range(args.warmup):
+            built[variant][1]()
+    rounds: dict[str, list[float]] = {variant: [] for variant in variants}
+    per_round = max(1, args.steps // args.rounds)
+    for round_index in range(args.rounds):
+        shift = round_index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            rounds[variant].append(_time_steps(built[variant][1], 1, per_round, info))
     table = {}
     for variant in variants:
         name, _, cap = variant.partition(":")
-        model, step = _build(name, info, args, cap_mb=float(cap or 25.0))
-        median_ms = _time_steps(step, args.warmup, args.steps, info)
+        model, step = built[variant]
+        median_ms = statistics.median(rounds[variant])
         ranks = 1 if name == "single" else info.world_size
         table[variant] = {
-            "step_ms": median_ms,
+            "step_ms": median_ms, "round_medians_ms": rounds[variant],
             "tokens_per_s": ranks * args.batch_size * args.seq_len / (median_ms / 1e3),
             "buckets": model.num_buckets if isinstance(model, BucketedDDP) else None,
         }
-        _say(info, f"{variant:>14}: {median_ms:7.2f} ms/step, {table[variant]['tokens_per_s'] / 1e3:7.1f} k tokens/s")
+        _say(info, f"{variant:>14}: {median_ms:7.2f} ms/step, {table[variant]['tokens_per_s'] / 1e3:7.1f} k tokens/s "
+                   f"(rounds: {', '.join(f'{t:.1f}' for t in rounds[variant])})")
         if name == "bucketed" and float(cap) == 25.0:
             table[variant]["overlap"] = _overlap_probe(model, step)
-        del model, step
-        _free()
+    del built
+    _free()
     return table
 
 

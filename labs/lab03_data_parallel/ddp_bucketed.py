@@ -133,6 +133,9 @@ class BucketedDDP(nn.Module):
         self.events: list[tuple[str, str, float]] = []
         self._sync_enabled = True
         self._next_to_launch = 0  # buckets are launched strictly in order, the same on every rank
+        # To build: check and broadcast (ddp_naive's helpers); self.bucket_indices = the plan; self.buckets, one _Bucket
+        # per plan entry with a zeroed flat buffer; self._slot[param index] = (bucket id, offset); one
+        # post-accumulate-grad hook per parameter that calls self._on_grad_ready(index).
         # TODO (lab03): your code here
         raise NotImplementedError("lab03: BucketedDDP.__init__ is not implemented yet (lab03_data_parallel/ddp_bucketed.py)")
 
