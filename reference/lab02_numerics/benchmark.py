@@ -204,7 +204,8 @@ def graph_time_us(make_fn, copies: int, calls: int = 60) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_w4a16(device: torch.device, sizes: list[int], ms: list[int]) -> dict:
+def bench_w4a16(device: torch.device, sizes: list[int], ms: list[int],
+                best_tiles: dict[int, W4A16Config] | None = None) -> dict:
     from triton.testing import do_bench
 
     def bench(fn) -> float:
@@ -235,6 +236,8 @@ def bench_w4a16(device: torch.device, sizes: list[int], ms: list[int]) -> dict:
             t_nf4 = bench(lambda: w4a16_matmul(x, nf4))
             g_bf16 = graph_time_us(lambda i: (lambda: x @ bf16_copies[i].t()), len(bf16_copies))
             g_int4 = graph_time_us(lambda i: (lambda: w4a16_matmul(x, int4_copies[i])), len(int4_copies))
+            best = (best_tiles or {}).get(size)
+            t_best = bench(lambda: w4a16_matmul(x, int4, config=best)) if best else None
             bytes_bf16 = 2 * N * K + io_bytes
             bytes_int4 = int4.nbytes() + io_bytes
             bytes_nf4 = nf4.packed.numel() + 4 * nf4.scales.numel() + io_bytes
@@ -246,12 +249,13 @@ def bench_w4a16(device: torch.device, sizes: list[int], ms: list[int]) -> dict:
                    "bf16_gbs": bytes_bf16 / t_bf16 / 1e3, "int4_gbs": bytes_int4 / t_int4 / 1e3,
                    "nf4_gbs": bytes_nf4 / t_nf4 / 1e3, "graph_bf16_gbs": bytes_bf16 / g_bf16 / 1e3,
                    "graph_int4_gbs": bytes_int4 / g_int4 / 1e3,
-                   "config": dataclasses.asdict(default_config(M, N, K, 128))}
+                   "config": dataclasses.asdict(default_config(M, N, K, 128)),
+                   "best_sweep_tile_int4_us": t_best, "best_sweep_tile": dataclasses.asdict(best) if best else None}
             rows.append(row)
             print(f"{size:6d} {M:3d} {t_bf16:9.1f} {t_deq:9.1f} {t_int4:8.1f} {t_nf4:8.1f} "
                   f"{row['int4_speedup_vs_bf16']:9.2f}x {g_bf16:11.1f} {g_int4:11.1f} "
-                  f"{row['graph_int4_speedup_vs_bf16']:7.2f}x {row['bf16_gbs']:10.0f} {row['int4_gbs']:10.0f}",
-                  flush=True)
+                  f"{row['graph_int4_speedup_vs_bf16']:7.2f}x {row['bf16_gbs']:10.0f} {row['int4_gbs']:10.0f}"
+                  + (f"   best-of-sweep tile {t_best:.1f} us ({t_bf16 / t_best:.2f}x)" if best else ""), flush=True)
         del bf16_copies, int4_copies
         torch.cuda.empty_cache()
     at_m1 = {str(r["K"]): r["int4_speedup_vs_bf16"] for r in rows if r["M"] == 1}
@@ -325,9 +329,16 @@ def main() -> None:
         "kernel_check_max_relative_error": kernel_error,
         "copy_ceiling_gbs": COPY_CEILING_GBS,
     }
-    result["w4a16"] = bench_w4a16(device, args.sizes, args.ms)
+    best_tiles = None
     if args.sweep:
+        # the sweep runs first, so the table below can show the best M = 1 tile next to default_config's
         result["tile_sweep"] = sweep_tiles(device, args.sizes)
+        best_tiles = {}
+        for size in args.sizes:
+            best = min((r for r in result["tile_sweep"] if r["K"] == size and "us" in r), key=lambda r: r["us"])
+            best_tiles[size] = W4A16Config(**{k: best[k] for k in ("block_m", "block_n", "block_k", "split_k",
+                                                                    "num_warps", "num_stages")})
+    result["w4a16"] = bench_w4a16(device, args.sizes, args.ms, best_tiles)
     if not args.skip_training:
         result["training"] = bench_training(device, args.batch_size, args.seq_len, args.repeats)
         result["training"]["shape"] = {"preset": "gpt2", "batch_size": args.batch_size, "seq_len": args.seq_len,
