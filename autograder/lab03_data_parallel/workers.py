@@ -380,7 +380,7 @@ def fault_worker(info, store_address, victim: int, die_at_call: int, calls: int,
     host, port = store_address
     store = dist.TCPStore(host, port, is_master=False)
     reducer = FaultTolerantAllReduce(store, rank=info.rank, world_size=info.world_size,
-                                     config=FaultToleranceConfig(detect_timeout_s=10.0, grace_s=0.5))
+                                     config=FaultToleranceConfig(detect_timeout_s=10.0, grace_s=2.0))
     results = []
     for call in range(calls):
         if info.rank == victim and call == die_at_call:
