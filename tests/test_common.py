@@ -192,3 +192,14 @@ def test_use_target_and_check_lab(tmp_path):
     finally:
         sys.path[:] = saved
         sys.modules.pop("lab01_memory", None)
+
+
+def test_planned_deaths_and_tensor_results():
+    """may_die lets chosen ranks exit without a result; tensors come back intact after their rank has exited."""
+    results = run_distributed(dist_workers.tensor_unless_last, world_size=3, backend="gloo", timeout_s=60,
+                              may_die={2}, pass_store=True)
+    assert results[2] is None
+    for rank in (0, 1):
+        assert torch.equal(results[rank], torch.arange(rank + 1, dtype=torch.float32) * 1.5)
+    with pytest.raises(ValueError, match="may_die"):
+        run_distributed(dist_workers.all_reduce_rank, world_size=2, may_die={5})

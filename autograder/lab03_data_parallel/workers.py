@@ -369,7 +369,7 @@ def partly_unused_worker(info, steps: int, seed: int) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Fault tolerance (run through common.faulty_launch: the victim rank really dies)
+# Fault tolerance (run_distributed with may_die and pass_store: the victim rank really dies)
 
 
 @packed

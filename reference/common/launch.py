@@ -13,18 +13,26 @@ Failures are loud and bounded:
 - a deadlock (say, one rank skips a collective): after `timeout_s`, every rank is killed and `DistributedTimeout`
   names the ranks that had not finished.
 
+Fault-tolerance experiments (lab 03's Hoplite-style all-reduce) kill ranks on purpose: ranks in `may_die` may exit
+without a result (theirs is None), and `pass_store=True` hands every worker the (host, port) of the TCP store this
+process serves, which outlives every rank and so can serve the survivors as a side channel.
+
+Results travel as `torch.save` bytes: a tensor put on a multiprocessing queue as is travels as a shared-memory handle,
+which vanishes when its rank exits right after reporting.
+
 `worker` must be importable (defined at the top level of a module), because spawned processes import it by name.
 """
 
 from __future__ import annotations
 
 import datetime
+import io
 import multiprocessing as mp
 import os
 import queue
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 import torch.distributed as dist
@@ -51,15 +59,20 @@ def run_distributed(
     args: tuple = (),
     backend: str = "auto",
     timeout_s: float = 60.0,
+    may_die: Collection[int] = (),
+    pass_store: bool = False,
 ) -> list[Any]:
     """Run `worker(info, *args)` on `world_size` ranks and return their results, ordered by rank.
 
     Args:
-        worker: a top-level function `(DistInfo, *args) -> picklable`.
+        worker: a top-level function `(DistInfo, *args) -> picklable` (with pass_store, `(DistInfo, (host, port),
+            *args)`).
         world_size: number of processes (>= 1).
         args: extra picklable arguments, the same for every rank.
         backend: "gloo", "nccl" or "auto" (NCCL when there is a GPU per rank).
         timeout_s: wall-clock limit for the whole job.
+        may_die: ranks allowed to exit without returning; their result is None.
+        pass_store: give each worker the address of the launcher's TCP store as its second argument.
 
     Raises:
         ValueError: bad world_size or backend.
@@ -74,9 +87,13 @@ def run_distributed(
         raise ValueError(f"backend must be 'gloo', 'nccl' or 'auto', got {backend!r}")
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise RuntimeError(f"NCCL needs one GPU per rank: world_size {world_size}, GPUs {torch.cuda.device_count()}")
+    if not set(may_die) <= set(range(world_size)):
+        raise ValueError(f"may_die ({sorted(may_die)}) must be ranks in [0, {world_size})")
 
     # The store's server lives in this process; port 0 lets the OS pick a free port with no race.
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+    if pass_store:
+        args = (("127.0.0.1", store.port), *args)
     context = mp.get_context("spawn")
     results: mp.Queue = context.Queue()
     processes = [
@@ -91,7 +108,7 @@ def run_distributed(
     for process in processes:
         process.start()
     try:
-        return _collect(processes, results, world_size, timeout_s)
+        return _collect(processes, results, world_size, set(may_die), timeout_s)
     finally:
         for process in processes:
             if process.is_alive():
@@ -105,34 +122,39 @@ def run_distributed(
 # Parent side: wait for every rank, fail fast on the first error
 
 
-def _collect(processes: list, results: mp.Queue, world_size: int, timeout_s: float) -> list[Any]:
+def _collect(processes: list, results: mp.Queue, world_size: int, may_die: set[int], timeout_s: float) -> list[Any]:
     deadline = time.monotonic() + timeout_s
     values: dict[int, Any] = {}
-    while len(values) < world_size:
+    dead: set[int] = set()
+    while len(values) + len(dead) < world_size:
         try:
             status, rank, payload = results.get(timeout=0.1)
         except queue.Empty:
             status = None
         if status == "ok":
-            values[rank] = payload
+            values[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             continue
         if status == "error":
             raise DistributedError(f"rank {rank} of {world_size} raised:\n{payload}")
         for rank, process in enumerate(processes):
             # a rank that exited without reporting died hard (segfault, os._exit, killed)
-            if rank not in values and process.exitcode is not None and results.empty():
-                time.sleep(0.2)  # its last message may still be in flight
-                if results.empty():
-                    raise DistributedError(
-                        f"rank {rank} of {world_size} exited with code {process.exitcode} without returning a result"
-                    )
+            if rank in values or rank in dead or process.exitcode is None or not results.empty():
+                continue
+            time.sleep(0.2)  # its last message may still be in flight
+            if not results.empty():
+                break
+            if rank not in may_die:
+                raise DistributedError(
+                    f"rank {rank} of {world_size} exited with code {process.exitcode} without returning a result"
+                )
+            dead.add(rank)  # died as the experiment planned
         if time.monotonic() > deadline:
-            missing = [rank for rank in range(world_size) if rank not in values]
+            missing = [rank for rank in range(world_size) if rank not in values and rank not in dead]
             raise DistributedTimeout(
                 f"ranks {missing} of {world_size} did not finish within {timeout_s:.0f} s "
                 "(a deadlock: does every rank call the same collectives in the same order?)"
             )
-    return [values[rank] for rank in range(world_size)]
+    return [values.get(rank) for rank in range(world_size)]
 
 
 # -----------------------------------------------------------------------------
@@ -154,7 +176,9 @@ def _rank_main(worker, args, rank, world_size, backend, port, timeout_s, results
         )
         info = DistInfo(rank=rank, local_rank=rank, world_size=world_size, backend=backend, device=device)
         value = worker(info, *args)
-        results.put(("ok", rank, value))
+        buffer = io.BytesIO()
+        torch.save(value, buffer)  # bytes, not shared-memory handles (see the module docstring)
+        results.put(("ok", rank, buffer.getvalue()))
     except BaseException:  # SystemExit included: a worker calling sys.exit is a failure, not a result
         results.put(("error", rank, traceback.format_exc()))
     finally:
