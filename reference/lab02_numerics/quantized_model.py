@@ -68,6 +68,9 @@ class QuantizedLinear(nn.Module):
         scheme: the QuantConfig scheme.
         weight_q: what the scheme stores (int8 tensors with their scales, an Int4Weight, or an NF4Weight).
         bias: the original bias (kept in full precision), or None.
+
+    The quantized tensors are plain attributes, not buffers, so `.to(device)` does not move them: quantize the model
+    on the device it will run on.
     """
 
     def __init__(self, linear: nn.Linear, *, config: QuantConfig):
