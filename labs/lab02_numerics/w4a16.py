@@ -79,7 +79,8 @@ def w4a16_reference(x: torch.Tensor, weight: Int4Weight | NF4Weight) -> torch.Te
 
 
 def default_config(M: int, N: int, K: int, group_size: int) -> W4A16Config:
-    """Fixed tiles for decode-like shapes (M <= 16): one M tile, 32-wide N tiles, 128-column K steps, K split in 4.
+    """Fixed tiles for decode-like shapes (M <= 16): one M tile, 32-wide N tiles, K steps of up to 128 columns, K split
+    in up to 4.
 
     Chosen from the tile sweep recorded in results/lab02_benchmark.json (H100, M = 1, 27 tiles): this tile was the
     fastest at K = N = 4096 (22.5 us) and within 4% of the fastest at 8192. Split-K by 4 gives N / 32 * 4 = 512
@@ -88,7 +89,11 @@ def default_config(M: int, N: int, K: int, group_size: int) -> W4A16Config:
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         return W4A16Config(block_m=16, block_n=16, block_k=max(32, group_size), split_k=1, num_stages=1)
-    block_k = max(group_size, 128)
+    # the widest K step (a multiple of the group, at most 128) that tiles K: 128 for the benchmark's K = 4096/8192,
+    # smaller for awkward K such as 192
+    block_k = max(group_size, 32)
+    while block_k < 128 and K % (2 * block_k) == 0:
+        block_k *= 2
     split_k = 4
     while split_k > 1 and (K // block_k) % split_k:
         split_k //= 2  # every split must cover whole K steps
