@@ -248,8 +248,9 @@ def _missing_hardware(item: pytest.Item) -> str | None:
 
 def _absent_lab(item: pytest.Item) -> str | None:
     """A message if the target has no package for this test's lab (never fall through to another tree)."""
-    lab = next((p.name for p in Path(str(item.fspath)).parents if p.name.startswith("lab") and p.name[3:5].isdigit()),
-               None)
+    from common.target import is_lab_name
+
+    lab = next((p.name for p in Path(str(item.fspath)).parents if is_lab_name(p.name)), None)
     target = item.config._autograder_target
     if lab and not (target / lab / "__init__.py").is_file():
         return f"the target {target} has no package {lab}/ (with an __init__.py): nothing to grade"

@@ -22,9 +22,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.target import LAB_PATTERN, has_gpu_device
+from common.target import resolve_target as resolve_target_dir
+
 AUTOGRADER_DIR = Path(__file__).resolve().parent
 KIT_ROOT = AUTOGRADER_DIR.parent
-LAB_PATTERN = re.compile(r"^lab(\d\d)_\w+$")
 LAB_TIME_LIMIT_S = 900  # one lab's whole pytest run; each test has its own, much smaller, limit
 
 
@@ -56,13 +58,12 @@ def resolve_lab(name: str) -> str:
 
 def resolve_target(target: str) -> Path:
     """'labs', 'reference', a directory laid out like labs/, or a .zip of one."""
-    named = {"labs": KIT_ROOT / "labs", "reference": KIT_ROOT / "reference"}
-    path = named.get(target, Path(target)).resolve()
-    if path.suffix == ".zip" and path.is_file():
-        return _unzip_submission(path)
-    if not path.is_dir():
-        raise GraderError(f"target {target!r} is neither 'labs', 'reference', a directory nor a .zip")
-    return path
+    if target.endswith(".zip") and Path(target).is_file():
+        return _unzip_submission(Path(target).resolve())
+    try:
+        return resolve_target_dir(target)
+    except FileNotFoundError:
+        raise GraderError(f"target {target!r} is neither 'labs', 'reference', a directory nor a .zip") from None
 
 
 def _unzip_submission(path: Path) -> Path:
@@ -218,7 +219,7 @@ def grade_lab(lab: str, target_dir: Path, *, tests: list[str] | None = None, inc
         [str(KIT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(KIT_ROOT / "reference")]
     )
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # never write .pyc files into a student's submission
-    if not _has_cuda_hint():
+    if not has_gpu_device():
         env.setdefault("TRITON_INTERPRET", "1")  # no GPU: Triton kernels run in the interpreter
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=KIT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -249,8 +250,3 @@ def grade_lab(lab: str, target_dir: Path, *, tests: list[str] | None = None, inc
                    duration_s=t["duration_s"])
         for t in data["tests"]
     ]
-
-
-def _has_cuda_hint() -> bool:
-    """Whether a GPU is present, without importing torch: Triton compiles kernels there, else interprets them."""
-    return Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()

@@ -9,8 +9,6 @@ come from `check_close` with the inputs described.
 
 from __future__ import annotations
 
-import functools
-import io
 import os
 import time
 
@@ -27,24 +25,6 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sca
 
 # -----------------------------------------------------------------------------
 # Shared by tests and workers
-
-
-def packed(worker):
-    """Return the worker's result as torch.save bytes. Tensors put on a multiprocessing queue travel as shared-memory
-    file descriptors that die with the rank that sent them, and ranks exit right after reporting: bytes do not."""
-
-    @functools.wraps(worker)
-    def wrapper(*args, **kwargs):
-        buffer = io.BytesIO()
-        torch.save(worker(*args, **kwargs), buffer)
-        return buffer.getvalue()
-
-    return wrapper
-
-
-def unpack(result):
-    """The inverse of `packed` (None, for a rank that died, stays None)."""
-    return None if result is None else torch.load(io.BytesIO(result), weights_only=False)
 
 
 def ring_cases(world_size: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -115,7 +95,6 @@ class _NoCollectives:
 # Ring collectives
 
 
-@packed
 def ring_worker(info, seed: int) -> dict:
     """Every ring collective on every case, next to torch's own collective on the same inputs."""
     from lab03_data_parallel.collectives import ring_all_gather, ring_all_reduce, ring_reduce_scatter
@@ -166,7 +145,6 @@ def ring_worker(info, seed: int) -> dict:
     return out
 
 
-@packed
 def ring_subgroup_worker(info, seed: int) -> list:
     """Two subgroups (even and odd ranks) run ring all-reduces at the same time: peers must be global ranks."""
     from lab03_data_parallel.collectives import ring_all_reduce
@@ -186,7 +164,6 @@ def ring_subgroup_worker(info, seed: int) -> list:
 # Data-parallel training
 
 
-@packed
 def ddp_train_worker(info, variants: list[str], steps: int, seed: int, local_batch: int = 2) -> dict:
     """Train each variant ("naive" or "bucketed:<cap MB>") for `steps` SGD steps, and the single-process model on
     the concatenated batch; replicas start from different seeds, so the broadcast is tested too."""
@@ -228,7 +205,6 @@ def ddp_train_worker(info, variants: list[str], steps: int, seed: int, local_bat
     return out
 
 
-@packed
 def mismatch_worker(info) -> dict:
     """Rank 1's model is narrower: NaiveDDP must raise ValueError on every rank (none may hang in the broadcast)."""
     from lab03_data_parallel.ddp_naive import NaiveDDP
@@ -246,7 +222,6 @@ def mismatch_worker(info) -> dict:
     return out
 
 
-@packed
 def overlap_worker(info, cap_mb: float) -> dict:
     """One bucketed backward with the event log on; dist.all_reduce is wrapped to record how many gradients were
     ready (by hooks of the test's own) each time it was called."""
@@ -286,7 +261,6 @@ def overlap_worker(info, cap_mb: float) -> dict:
     }
 
 
-@packed
 def no_sync_worker(info, num_microbatches: int, iterations: int, seed: int) -> dict:
     """Accumulate num_microbatches micro-batches per iteration (all but the last inside no_sync()); compare with the
     single-process large batch. Also counts all-reduce calls made inside no_sync()."""
@@ -333,7 +307,6 @@ def no_sync_worker(info, num_microbatches: int, iterations: int, seed: int) -> d
     return out
 
 
-@packed
 def partly_unused_worker(info, steps: int, seed: int) -> dict:
     """Only rank 0's loss uses `unused_head`: its hook fires on rank 0 and never on the others, so the ranks fill
     their buckets in different orders (rank 0 during backward, the others in finish()) and must still agree."""
@@ -372,7 +345,6 @@ def partly_unused_worker(info, steps: int, seed: int) -> dict:
 # Fault tolerance (run_distributed with may_die and pass_store: the victim rank really dies)
 
 
-@packed
 def fault_worker(info, store_address, victim: int, die_at_call: int, calls: int, seed: int) -> list:
     """Every rank calls all_reduce `calls` times; the victim calls os._exit at the start of call `die_at_call`."""
     from lab03_data_parallel.fault_tolerant import FaultToleranceConfig, FaultTolerantAllReduce
@@ -418,7 +390,6 @@ def check_fault_run(results: list, *, victim: int, die_at_call: int, calls: int,
 # NCCL (two GPUs)
 
 
-@packed
 def nccl_peer_worker(info, seed: int) -> dict:
     """On NCCL under bf16 autocast: ring all-reduce against NCCL's, and one step of naive and bucketed DDP against
     torch DDP (the peer), on a small model; gradients returned in fp32."""

@@ -17,12 +17,18 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
 # reference/common/target.py -> the kit's root
 KIT_ROOT = Path(__file__).resolve().parents[2]
 NAMED_TARGETS = {"labs": KIT_ROOT / "labs", "reference": KIT_ROOT / "reference"}
+LAB_PATTERN = re.compile(r"^lab(\d\d)_\w+$")  # a lab package's name: lab01_memory
+
+
+def is_lab_name(name: str) -> bool:
+    return LAB_PATTERN.match(name) is not None
 
 
 def default_target() -> str:
@@ -31,7 +37,7 @@ def default_target() -> str:
     if os.environ.get("SLM_TARGET"):
         return os.environ["SLM_TARGET"]
     here = Path.cwd()
-    if here.name.startswith("lab") and here.name[3:5].isdigit() and (here / "__init__.py").exists():
+    if is_lab_name(here.name) and (here / "__init__.py").exists():
         return str(here.parent)
     return "labs"
 
@@ -57,7 +63,7 @@ def use_target(target: str | os.PathLike | None = None) -> Path:
             sys.path.remove(entry)
     sys.path.insert(0, str(path))
     for name in list(sys.modules):
-        if name.split(".")[0].startswith("lab") and name.split(".")[0][3:5].isdigit():
+        if is_lab_name(name.split(".")[0]):
             del sys.modules[name]
     importlib.invalidate_caches()
     return path
