@@ -117,7 +117,7 @@ def _run_forked(item: pytest.Item):
     limit = _time_limit(item)
     output = tempfile.TemporaryFile()
     read_end, write_end = os.pipe()
-    snapshot = _integrity_snapshot()
+    snapshot = _watched_functions()
     start = time.monotonic()
     pid = os.fork()
     if pid == 0:  # ---- child: run the test, send serialised reports, exit without cleanup
@@ -247,13 +247,16 @@ def _missing_hardware(item: pytest.Item) -> str | None:
 
 
 def _absent_lab(item: pytest.Item) -> str | None:
-    """A message if the target has no package for this test's lab (never fall through to another tree)."""
-    from common.target import is_lab_name
+    """A message if this test's lab does not come from the target (never fall through to another tree)."""
+    from common.target import check_lab, is_lab_name
 
     lab = next((p.name for p in Path(str(item.fspath)).parents if is_lab_name(p.name)), None)
-    target = item.config._autograder_target
-    if lab and not (target / lab / "__init__.py").is_file():
-        return f"the target {target} has no package {lab}/ (with an __init__.py): nothing to grade"
+    if lab is None:
+        return None
+    try:
+        check_lab(lab, item.config._autograder_target)
+    except ImportError as error:
+        return f"{error}: nothing to grade"
     return None
 
 
@@ -287,10 +290,6 @@ def _watched_functions() -> dict[str, object]:
     watched["common.testing.check_close"] = testing.check_close
     watched["common.testing.tolerance"] = testing.tolerance
     return watched
-
-
-def _integrity_snapshot() -> dict[str, object]:
-    return _watched_functions()
 
 
 def _patched_since(snapshot: dict[str, object]) -> list[str]:

@@ -71,11 +71,12 @@ def use_target(target: str | os.PathLike | None = None) -> Path:
 
 def check_lab(lab: str, target_dir: Path) -> None:
     """Raise ImportError unless `lab` is importable from inside `target_dir` (no fall-through to another tree)."""
-    spec = importlib.util.find_spec(lab)
+    spec = importlib.util.find_spec(lab)  # locates the package without running its code
     if spec is None or spec.origin is None:
-        raise ImportError(f"{lab} was not found in {target_dir}: is the folder {lab}/ there?")
+        raise ImportError(f"the target {target_dir} has no package {lab}/ (with an __init__.py)")
     if target_dir.resolve() not in Path(spec.origin).resolve().parents:
-        raise ImportError(f"{lab} resolved to {spec.origin}, outside the target {target_dir}")
+        raise ImportError(f"the target {target_dir} has no package {lab}/: it resolved to {spec.origin}, "
+                          "outside the target")
 
 
 def presenter_target(lab: str) -> str:
