@@ -7,9 +7,9 @@ autograder/release.py (stubs, student release, nbgrader course) and autograder/d
 import sys
 from pathlib import Path
 
-# Without `pip install -e .`, `common` is found in reference/ (appended last, so a target's labs always come first).
-_REFERENCE = str(Path(__file__).resolve().parent.parent / "reference")
+# Without `pip install -e .`, `common` is found in labs/ (appended last: the grader never imports a lab from it).
+_SHARED = str(Path(__file__).resolve().parent.parent / "labs")
 try:
     import common  # noqa: F401
 except ImportError:
-    sys.path.append(_REFERENCE)
+    sys.path.append(_SHARED)

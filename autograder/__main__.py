@@ -2,6 +2,7 @@
 
     python -m autograder grade LAB|all --target labs|reference|PATH [--json FILE] [--csv FILE]
     python -m autograder doctor
+    python -m autograder mutate LAB [--budget N]         mutation-test a lab's graded tests
     python -m autograder stubs [--check]                 regenerate labs/ from reference/
     python -m autograder release OUT [--nbgrader]        write the student release (and an nbgrader course)
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from autograder import runner
 
@@ -31,8 +33,20 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--quiet", action="store_true", help="the table without failure details")
     grade.add_argument("--time-limit-scale", type=float, default=float(os.environ.get("SLM_TIME_LIMIT_SCALE", 1.0)),
                        help="multiply every test's time limit (a slow machine: 2; default $SLM_TIME_LIMIT_SCALE or 1)")
+    grade.add_argument("--jail", choices=("auto", "require", "off"), default=os.environ.get("SLM_JAIL", "auto"),
+                       help="confine student code with bubblewrap: auto (if available, else warn), require, off")
 
     commands.add_parser("doctor", help="what this machine can grade")
+
+    mutate = commands.add_parser("mutate", help="mutation-test a lab's graded tests against bugs in the reference")
+    mutate.add_argument("lab", help="a lab number or folder name")
+    mutate.add_argument("--budget", type=int, help="grade a random sample of this many mutants (default: all)")
+    mutate.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants graded at once (default: cores)")
+    mutate.add_argument("--seed", type=int, default=0, help="the sample's seed")
+    mutate.add_argument("--only", nargs="*", default=(), help="only mutants whose id contains one of these")
+    mutate.add_argument("--json", help="write every mutant and its outcome here")
+    mutate.add_argument("--jail", choices=("auto", "require", "off"), default=os.environ.get("SLM_JAIL", "auto"))
+    mutate.add_argument("--time-limit-scale", type=float, default=float(os.environ.get("SLM_TIME_LIMIT_SCALE", 1.0)))
 
     stubs = commands.add_parser("stubs", help="regenerate the student stubs in labs/ from reference/")
     stubs.add_argument("--check", action="store_true", help="fail if labs/ differs instead of writing")
@@ -46,13 +60,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "grade":
             labs = runner.discover_labs() if args.lab == "all" else [args.lab]
-            card = runner.grade(labs, args.target, tests=args.tests, include_hidden=not args.public_only,
-                                time_limit_scale=args.time_limit_scale)
+            options = runner.Options(tests=tuple(args.tests or ()), include_hidden=not args.public_only,
+                                     time_limit_scale=args.time_limit_scale, jail=args.jail)
+            card = runner.grade(labs, args.target, options)
             if args.json:
                 card.write_gradescope(args.json)
             if args.csv:
                 card.write_csv(args.csv)
             print(card.table(verbose=not args.quiet))
+        elif args.command == "mutate":
+            import json
+
+            from autograder import mutate as mutation
+
+            lab = runner.resolve_lab(args.lab)
+            outcomes = mutation.run(lab, budget=args.budget, jobs=args.jobs, seed=args.seed, jail=args.jail,
+                                    time_limit_scale=args.time_limit_scale, only=tuple(args.only))
+            print(mutation.report(lab, outcomes))
+            if args.json:
+                Path(args.json).write_text(json.dumps(mutation.to_json(lab, outcomes), indent=1))
         elif args.command == "doctor":
             from autograder import doctor
 

@@ -10,7 +10,7 @@ setup lines, hints in comments) and replaces each fenced region with
 at the region's indentation. The stubs are checked in under labs/; `sync_stubs(check=True)` (and a test) fail when they
 drift from the reference.
 
-The student release holds labs/, the shared code (reference/common only), the public tests (no `hidden/` folders),
+The student release holds labs/ (the stubs and the shared code, labs/common), the public tests (no `hidden/` folders),
 the slides, pyproject.toml and environment.yml, and is scanned for solution markers before it is returned. With
 `nbgrader=True` it also holds an nbgrader course: source/<lab>/ (notebook + stubs), nbgrader_config.py, and the
 release/ that `nbgrader generate_assignment` makes from it.
@@ -31,6 +31,7 @@ from autograder.runner import AUTOGRADER_DIR, KIT_ROOT, LAB_PATTERN
 REFERENCE_DIR = KIT_ROOT / "reference"
 LABS_DIR = KIT_ROOT / "labs"
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
+INSTRUCTOR_ONLY = ("mutate.py",)  # tools that work on reference/, which the release does not hold
 MARKER = re.compile(r"^(\s*)# (BEGIN|END) SOLUTION\s*$")
 
 
@@ -127,7 +128,7 @@ def solution_lines() -> set[str]:
     """The distinctive lines inside solution regions (for leak checks): stripped, at least 25 characters long, and
     not also present outside them (a line the stubs, the shared code or the grader hold anyway is no secret)."""
     public_texts = list(expected_stubs().values())
-    public_texts += [p.read_text() for p in (REFERENCE_DIR / "common").rglob("*.py")]
+    public_texts += [p.read_text() for p in (LABS_DIR / "common").rglob("*.py")]
     public_texts += [p.read_text() for p in AUTOGRADER_DIR.glob("*.py")]
     public = {line.strip() for text in public_texts for line in text.splitlines()}
     found = set()
@@ -188,8 +189,9 @@ def write_release(out: str | Path, *, nbgrader: bool = False, labs: list[str] | 
             (out / "slides").mkdir(exist_ok=True)
             shutil.copy2(deck, out / "slides" / deck.name)
     for path in AUTOGRADER_DIR.glob("*.py"):  # the grader itself, without any lab's tests
-        shutil.copy2(path, out / "autograder" / path.name)
-    shutil.copytree(REFERENCE_DIR / "common", out / "reference" / "common", ignore=ignore)
+        if path.name not in INSTRUCTOR_ONLY:
+            shutil.copy2(path, out / "autograder" / path.name)
+    shutil.copytree(LABS_DIR / "common", out / "labs" / "common", ignore=ignore)
     for name in ("pyproject.toml", "environment.yml", ".gitignore"):
         shutil.copy2(KIT_ROOT / name, out / name)
     (out / "README.md").write_text(RELEASE_README)
@@ -204,7 +206,7 @@ def check_release(out: Path) -> None:
     secrets = solution_lines()
     for path in out.rglob("*"):
         if path.is_dir():
-            if path.name == "hidden" or (path.parent.name == "reference" and path.name != "common"):
+            if path.name in ("hidden", "reference"):
                 raise RuntimeError(f"release leaks {path.relative_to(out)}")
             continue
         if path.suffix not in (".py", ".ipynb", ".md", ".toml", ".yml"):

@@ -10,10 +10,12 @@ forks every graded test. This module never imports torch or student code, so it 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,25 +58,37 @@ def resolve_lab(name: str) -> str:
     raise GraderError(f"unknown lab {name!r}; the labs are: {', '.join(labs)}")
 
 
-def resolve_target(target: str) -> Path:
-    """'labs', 'reference', a directory laid out like labs/, or a .zip of one."""
-    if target.endswith(".zip") and Path(target).is_file():
-        return _unzip_submission(Path(target).resolve())
+@contextlib.contextmanager
+def open_target(target: str):
+    """The directory holding the lab packages of `target`: 'labs', 'reference', a directory laid out like labs/, or a
+    .zip of one (unpacked to a temporary directory that is removed afterwards)."""
+    if target.endswith(".zip"):
+        path = Path(target)
+        if not path.is_file():
+            raise GraderError(f"target {target!r}: no such zip file")
+        unpacked = Path(tempfile.mkdtemp(prefix="submission-"))
+        try:
+            yield _unzip_submission(path.resolve(), unpacked)
+        finally:
+            shutil.rmtree(unpacked, ignore_errors=True)
+        return
     try:
-        return resolve_target_dir(target)
+        yield resolve_target_dir(target)
     except FileNotFoundError:
         raise GraderError(f"target {target!r} is neither 'labs', 'reference', a directory nor a .zip") from None
 
 
-def _unzip_submission(path: Path) -> Path:
+def _unzip_submission(path: Path, out: Path) -> Path:
     import zipfile
 
-    out = Path(tempfile.mkdtemp(prefix="submission-"))
-    with zipfile.ZipFile(path) as archive:
-        for member in archive.namelist():
-            if member.startswith("/") or ".." in Path(member).parts:
-                raise GraderError(f"{path.name}: refusing the unsafe path {member!r}")
-        archive.extractall(out)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                if member.startswith("/") or ".." in Path(member).parts:
+                    raise GraderError(f"{path.name}: refusing the unsafe path {member!r}")
+            archive.extractall(out)
+    except zipfile.BadZipFile:
+        raise GraderError(f"{path.name} is not a valid zip file") from None
     # accept both a zip of labs/ itself and a zip whose single top folder is labs/
     entries = [p for p in out.iterdir() if not p.name.startswith(("__MACOSX", "."))]
     if len(entries) == 1 and entries[0].is_dir() and not LAB_PATTERN.match(entries[0].name):
@@ -104,6 +118,7 @@ class TestResult:
 class Scorecard:
     target: str
     results: list[TestResult] = field(default_factory=list)
+    jail: str = ""  # how student code was confined (autograder/jail.py)
 
     @property
     def graded(self) -> list[TestResult]:
@@ -122,7 +137,7 @@ class Scorecard:
 
     def table(self, *, verbose: bool = True) -> str:
         """A plain-text scorecard: one row per test, a total per lab, then failure messages."""
-        lines = [f"Target: {self.target}", ""]
+        lines = [f"Target: {self.target}", f"Student code ran in: {self.jail or 'no worker started'}", ""]
         width = max([len(r.name) for r in self.results] + [20])
         for lab in self.labs():
             rows = [r for r in self.results if r.lab == lab]
@@ -181,55 +196,71 @@ def _indent(text: str) -> str:
 # Running pytest
 
 
-def grade(labs: list[str], target: str, *, tests: list[str] | None = None, include_hidden: bool = True,
-          time_limit_scale: float = 1.0) -> Scorecard:
-    """Grade `labs` against `target`; `tests` restricts each lab to those test files (e.g. ["test_checkpoint.py"])."""
-    target_dir = resolve_target(target)
-    card = Scorecard(target=str(target_dir))
-    for lab in labs:
-        card.results += grade_lab(resolve_lab(lab), target_dir, tests=tests, include_hidden=include_hidden,
-                                  time_limit_scale=time_limit_scale)
+@dataclass(frozen=True)
+class Options:
+    """How to grade: which tests, how strictly confined, how patient."""
+
+    tests: tuple[str, ...] = ()  # only these test files of each lab (e.g. "test_checkpoint.py")
+    include_hidden: bool = True
+    time_limit_scale: float = 1.0
+    jail: str = "auto"  # auto | require | off (autograder/jail.py)
+    progress: bool = False  # a line per test on stderr while grading
+    fail_fast: bool = False  # stop a lab at its first lost point (mutation testing)
+
+
+def grade(labs: list[str], target: str, options: Options = Options()) -> Scorecard:
+    """Grade `labs` against `target` ("labs", "reference", a directory laid out like labs/, or a zip of one)."""
+    with open_target(target) as target_dir:
+        card = Scorecard(target=str(target_dir) if target in ("labs", "reference") else target)
+        for lab in labs:
+            results, jail_used = grade_lab(resolve_lab(lab), target_dir, options)
+            card.results += results
+            card.jail = jail_used
     return card
 
 
-def grade_lab(lab: str, target_dir: Path, *, tests: list[str] | None = None, include_hidden: bool = True,
-              time_limit_scale: float = 1.0) -> list[TestResult]:
+def grade_lab(lab: str, target_dir: Path, options: Options) -> tuple[list[TestResult], str]:
     lab_dir = AUTOGRADER_DIR / lab
     paths = [lab_dir]
-    if tests:
+    if options.tests:
         # a part's hidden tests sit in hidden/<part stem>_hidden.py and are graded with it (when present)
-        paths = [lab_dir / t for t in tests]
+        paths = [lab_dir / t for t in options.tests]
         for path in paths:
             if not path.exists():
                 raise GraderError(f"{lab}: no test file {path.name}")
-        if include_hidden:
-            paths += [p for t in tests for p in sorted((lab_dir / "hidden").glob(f"{Path(t).stem}_hidden*.py"))]
+        if options.include_hidden:
+            paths += [p for t in options.tests for p in sorted((lab_dir / "hidden").glob(f"{Path(t).stem}_hidden*.py"))]
     results_file = Path(tempfile.mkstemp(prefix=f"{lab}-", suffix=".json")[1])
     command = [
         sys.executable, "-m", "pytest", *map(str, paths),
         "-p", "autograder.plugin", "--target", str(target_dir), "--results", str(results_file),
-        "--time-limit-scale", str(time_limit_scale),
-        "-q", "--no-header", "--tb=short", "--import-mode=importlib", "-p", "no:cacheprovider", "--rootdir", str(KIT_ROOT), "-o", "addopts=",
+        "--time-limit-scale", str(options.time_limit_scale), "--jail", options.jail,
+        "-q", "--no-header", "--tb=short", "--import-mode=importlib", "-p", "no:cacheprovider",
+        "--rootdir", str(KIT_ROOT), "-o", "addopts=",
     ]
-    if not include_hidden:
+    if options.progress:
+        command.append("--progress")
+    if options.fail_fast:
+        command.append("--fail-fast")
+    if not options.include_hidden:
         command += ["--ignore", str(lab_dir / "hidden")]
     env = dict(os.environ)
-    # the kit's root makes `autograder` importable; reference/ (last) makes `common` importable without installing
+    # the kit's root makes `autograder` importable; labs/ (last) makes `common` importable without installing.
+    # No lab is ever imported by this process or by pytest: student code runs only in the jailed workers.
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(KIT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(KIT_ROOT / "reference")]
+        [str(KIT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(KIT_ROOT / "labs")]
     )
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # never write .pyc files into a student's submission
-    if not has_gpu_device():
-        env.setdefault("TRITON_INTERPRET", "1")  # no GPU: Triton kernels run in the interpreter
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=KIT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(command, cwd=KIT_ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=None if options.progress else subprocess.STDOUT, start_new_session=True)
+    limit = LAB_TIME_LIMIT_S * options.time_limit_scale
     try:
-        output, _ = process.communicate(timeout=LAB_TIME_LIMIT_S * time_limit_scale)
+        output, _ = process.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        raise GraderError(f"{lab}: the grading run did not finish within {LAB_TIME_LIMIT_S} s")
+        raise GraderError(f"{lab}: the grading run did not finish within {limit:.0f} s")
     finally:
         try:
             os.killpg(process.pid, signal.SIGKILL)  # nothing the run started may outlive it
@@ -238,15 +269,17 @@ def grade_lab(lab: str, target_dir: Path, *, tests: list[str] | None = None, inc
     text = output.decode(errors="replace")
     # pytest exit codes: 0 all passed, 1 some failed (a normal grading outcome); anything else is the grader's fault
     if process.returncode not in (0, 1) or not results_file.stat().st_size:
+        results_file.unlink(missing_ok=True)
         raise GraderError(f"{lab}: pytest exited with code {process.returncode} after "
                           f"{time.monotonic() - started:.0f} s:\n{text[-4000:]}")
     data = json.loads(results_file.read_text())
     results_file.unlink()
     if not data["tests"]:
         raise GraderError(f"{lab}: no graded tests were collected")
-    return [
+    results = [
         TestResult(lab=lab, name=t["name"], file=t["file"], outcome=t["outcome"], score=t["score"],
                    max_score=t["max_score"], message=t["message"], hidden=t["hidden"], doc=t["doc"],
                    duration_s=t["duration_s"])
         for t in data["tests"]
     ]
+    return results, data.get("jail", "")

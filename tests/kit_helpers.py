@@ -17,9 +17,10 @@ def run_cli(*args: str, timeout: float = 900, env: dict | None = None) -> subpro
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def make_submission(tmp_path: Path, lab: str = "lab01_memory", replace: dict[str, tuple[str, str]] | None = None) -> Path:
+def make_submission(tmp_path: Path, lab: str = "lab01_memory", replace: dict[str, tuple[str, str]] | None = None,
+                    name: str = "submission") -> Path:
     """A submission laid out like labs/: the reference code of `lab`, with `replace[file] = (old, new)` edits."""
-    root = tmp_path / "submission"
+    root = tmp_path / name
     shutil.copytree(KIT_ROOT / "reference" / lab, root / lab, ignore=shutil.ignore_patterns("__pycache__", "results"))
     for name, (old, new) in (replace or {}).items():
         path = root / lab / name

@@ -203,3 +203,23 @@ def test_planned_deaths_and_tensor_results():
         assert torch.equal(results[rank], torch.arange(rank + 1, dtype=torch.float32) * 1.5)
     with pytest.raises(ValueError, match="may_die"):
         run_distributed(dist_workers.all_reduce_rank, world_size=2, may_die={5})
+
+
+# ---- the process mesh
+
+
+def test_mesh_lays_out_tp_fastest_then_pp_then_dp():
+    results = run_distributed(dist_workers.mesh_groups, world_size=8, args=(2, 2, 2), timeout_s=120)
+    for rank, out in enumerate(results):
+        dp_rank, pp_rank, tp_rank = rank // 4, (rank // 2) % 2, rank % 2
+        assert out["coords"] == (dp_rank, pp_rank, tp_rank)
+        assert out["rank_back"] == rank
+        assert out["tp"] == [rank - tp_rank, rank - tp_rank + 1]
+        assert out["pp"] == [dp_rank * 4 + tp_rank, dp_rank * 4 + 2 + tp_rank]
+        assert out["dp"] == [rank % 4, rank % 4 + 4]
+        assert out["tp_sum"] == sum(out["tp"])
+
+
+def test_mesh_refuses_a_grid_that_is_not_the_world():
+    messages = run_distributed(dist_workers.mesh_wrong_size, world_size=2, timeout_s=60)
+    assert all("dp (3) x pp (1) x tp (1) = 3 must equal the world size (2)" in m for m in messages)

@@ -3,52 +3,79 @@
 import pytest
 import torch
 
+from common.testing import corpus_batch, tiny_model
 
 PLANS = {
+    "none": dict(plan="none"),
     "every_k=1": dict(plan="every_k", k=1),
     "every_k=2": dict(plan="every_k", k=2),
     "sqrt": dict(plan="sqrt"),
     "segments=2": dict(plan="segments", num_segments=2),
 }
 
+# -----------------------------------------------------------------------------
+# Producers: run in the worker
 
-@pytest.mark.points(2)
-def test_predict_saved_bytes_formula():
-    """saved(plan) = S - sum_s (sum_{b in s} S_b - I_s), on made-up numbers."""
+
+def predicted(baseline: int, per_block: list[int], input_bytes: int, plan: dict) -> int:
     from lab01_memory.memory import predict_saved_bytes
     from lab01_memory.plans import CheckpointConfig
 
-    per_block = [1000, 1100, 1200, 1300]
-    cases = {
-        ("none", 1, 1): 5000,
-        ("every_k", 1, 1): 5000 - (4600 - 4 * 100),
-        ("every_k", 3, 1): 5000 - (1000 - 100) - (1300 - 100),
-        ("segments", 1, 2): 5000 - (2100 - 100) - (2500 - 100),
-        ("sqrt", 1, 1): 5000 - (2100 - 100) - (2500 - 100),
-    }
-    for (plan, k, num_segments), expected in cases.items():
-        config = CheckpointConfig(plan=plan, k=k, num_segments=num_segments)
-        got = predict_saved_bytes(5000, per_block, 100, config)
-        assert got == expected, f"predict_saved_bytes(S=5000, S_b={per_block}, I=100, {config}) = {got}, expected {expected}"
+    return predict_saved_bytes(baseline, per_block, input_bytes, CheckpointConfig(**plan))
 
 
-@pytest.mark.points(3)
-def test_saved_bytes_drop_as_predicted(make_model, make_batch):
-    """Measured saved-activation bytes equal the prediction for every plan, and checkpointing really saves memory."""
+def measured_report(num_layers: int, seq_len: int) -> dict:
+    """measure_plans on a tiny model (dropout 0.1, eval mode), and whether the model was left unchanged."""
     from lab01_memory.memory import measure_plans
     from lab01_memory.plans import CheckpointConfig
 
-    model = make_model(num_layers=4, dropout=0.1).eval()
-    tokens, targets = make_batch(batch_size=2, seq_len=24)
-    report = {r.plan: r for r in measure_plans(model, tokens, targets, {name: CheckpointConfig(**p)
-                                                                         for name, p in [("none", {}), *PLANS.items()]})}
-    for name, row in report.items():
-        assert row.measured_bytes == row.predicted_bytes, (
-            f"measure_plans: plan {name} saved {row.measured_bytes} bytes but the memory equation predicts "
-            f"{row.predicted_bytes} (off by {row.measured_bytes - row.predicted_bytes:+d})"
-        )
-    none = report["none"].measured_bytes
-    assert report["every_k=2"].measured_bytes < 0.75 * none, "checkpointing every other block should save >25%"
-    assert report["sqrt"].measured_bytes < 0.25 * none, (
-        f"the sqrt plan kept {report['sqrt'].measured_bytes} of {none} bytes; it should keep under a quarter"
-    )
+    model = tiny_model(num_layers=num_layers, dropout=0.1).eval()
+    runner = model.block_runner
+    tokens, targets = corpus_batch(batch_size=2, seq_len=seq_len)
+    rows = measure_plans(model, tokens, targets, {name: CheckpointConfig(**p) for name, p in PLANS.items()})
+    return {"rows": {r.plan: (int(r.measured_bytes), int(r.predicted_bytes)) for r in rows},
+            "runner_unchanged": model.block_runner is runner}
+
+
+# -----------------------------------------------------------------------------
+# Tests: run in the grader
+
+
+def _formula(baseline: int, per_block: list[int], input_bytes: int, segments: list[tuple[int, int]]) -> int:
+    return baseline - sum(sum(per_block[a:b]) - input_bytes for a, b in segments)
+
+
+@pytest.mark.points(2)
+@pytest.mark.parametrize("plan, segments", [
+    (dict(plan="none"), []),
+    (dict(plan="every_k", k=1), [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]),
+    (dict(plan="every_k", k=3), [(0, 1), (3, 4)]),
+    (dict(plan="segments", num_segments=2), [(0, 3), (3, 5)]),
+    (dict(plan="sqrt"), [(0, 3), (3, 5)]),
+])
+def test_predict_saved_bytes_formula(student, plan, segments):
+    """saved(plan) = S - sum_s (sum_{b in s} S_b - I_s), on made-up numbers (uneven block sizes, 5 blocks)."""
+    per_block = [1000, 1100, 1200, 1300, 1700]
+    expected = _formula(7000, per_block, 130, segments)
+    got = student.run(predicted, 7000, per_block, 130, plan)
+    assert got == expected, (
+        f"predict_saved_bytes(S=7000, S_b={per_block}, I=130, {plan}) = {got}, expected {expected} "
+        f"(off by {got - expected:+d} bytes; segments {segments})")
+
+
+@pytest.mark.points(3)
+@pytest.mark.parametrize("num_layers", [4, 7])
+def test_saved_bytes_drop_as_predicted(student, num_layers):
+    """Measured saved-activation bytes equal the prediction for every plan, checkpointing really saves memory, and
+    measure_plans leaves the model it was given unchanged."""
+    report = student.run(measured_report, num_layers, 24)
+    rows = report["rows"]
+    assert set(rows) == set(PLANS), f"measure_plans returned plans {sorted(rows)}, expected {sorted(PLANS)}"
+    for name, (measured, predicted_bytes) in rows.items():
+        assert measured == predicted_bytes, (
+            f"measure_plans ({num_layers} blocks): plan {name} saved {measured} bytes but the memory equation "
+            f"predicts {predicted_bytes} (off by {measured - predicted_bytes:+d})")
+    none = rows["none"][0]
+    assert rows["every_k=2"][0] < 0.75 * none, "checkpointing every other block should save more than 25%"
+    assert rows["sqrt"][0] < 0.4 * none, f"the sqrt plan kept {rows['sqrt'][0]} of {none} bytes; expected under 40%"
+    assert report["runner_unchanged"], "measure_plans must not install checkpointing on the model it was given"

@@ -12,7 +12,7 @@ gradients are compared with the plain model's on a small fp32 batch before anyth
 
 Target (PERFORMANCE.md): at least 45% less activation memory at no more than 1.3x the step time.
 
-    PYTHONPATH=reference python -m lab01_memory.benchmark --out results/
+    PYTHONPATH=reference:labs python -m lab01_memory.benchmark --out results/
 """
 
 from __future__ import annotations

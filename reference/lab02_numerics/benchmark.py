@@ -16,7 +16,7 @@ Part 2, decode-like matmuls y = x W^T, x (M, K) bf16 with M = 1..16, K = N = 409
 Correctness comes first: the kernel is compared with float64 dequantize-then-matmul on fresh random inputs, and the
 scaler's trajectory with GradScaler's on CUDA, before anything is timed.
 
-    PYTHONPATH=reference python -m lab02_numerics.benchmark --out results/
+    PYTHONPATH=reference:labs python -m lab02_numerics.benchmark --out results/
 """
 
 from __future__ import annotations

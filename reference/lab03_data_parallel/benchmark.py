@@ -1,6 +1,6 @@
 """Benchmark: data-parallel training throughput and all-reduce bandwidth on NCCL, the reference against its peers.
 
-    PYTHONPATH=reference torchrun --nproc_per_node 2 -m lab03_data_parallel.benchmark --out results/
+    PYTHONPATH=reference:labs torchrun --nproc_per_node 2 -m lab03_data_parallel.benchmark --out results/
 
 1. Correctness first: on fresh random inputs, the ring all-reduce equals NCCL's (fp32 and bf16, uneven sizes), and one
    step of naive and bucketed DDP gives the gradients torch DDP gives.

@@ -12,8 +12,8 @@ every implementation in the same run (triton.testing.do_bench, median) and print
 
 FLOPs (PERFORMANCE.md): forward 4 * B * H * Nq * Nk * D, halved when causal; forward+backward 3.5x forward.
 
-    PYTHONPATH=reference python -m lab07_flash_attention.benchmark --out results/
-    PYTHONPATH=reference python -m lab07_flash_attention.benchmark --out results/ --sweep   # also sweep tile sizes
+    PYTHONPATH=reference:labs python -m lab07_flash_attention.benchmark --out results/
+    PYTHONPATH=reference:labs python -m lab07_flash_attention.benchmark --out results/ --sweep   # also sweep tile sizes
 
 Writes benchmark.json (GPU name, versions, date, every figure) and benchmark.png to --out.
 """

@@ -5,7 +5,7 @@ a small grid of (block_m, block_n, num_warps, num_stages), within a time budget.
 (shared memory or registers) is recorded as failed. The winners are then written into the launchers by hand, with a
 comment, and benchmark.json keeps the whole table.
 
-    PYTHONPATH=reference python -m lab07_flash_attention.benchmark --out DIR --sweep
+    PYTHONPATH=reference:labs python -m lab07_flash_attention.benchmark --out DIR --sweep
 """
 
 from __future__ import annotations

@@ -1,26 +1,19 @@
 """Lab 01 hidden tests (accumulation): the same ideas on inputs the public tests do not show."""
 
-import copy
-
 import pytest
-import torch
 
-from common.testing import check_close, describe, random_tensor
+from common.testing import check_all_close, check_close
+
 
 @pytest.mark.points(1)
-def test_microbatch_with_no_valid_tokens(make_model, make_batch, grads):
-    """A micro-batch that is all padding contributes nothing, and the result is still the large-batch gradient."""
-    from lab01_memory.accumulation import accumulate_gradients
+def test_every_row_its_own_microbatch_with_padding_first(student):
+    """M = B with the first rows all padding and a deeper model: still the large batch's gradient and loss."""
+    from autograder.lab01_memory.test_accumulation import _describe, _large_batch, accumulated
 
-    model = make_model(num_layers=2, seed=2)
-    tokens, targets = make_batch(batch_size=4, seq_len=12, seed=6)
-    targets = targets.clone()
-    targets[2:] = -100
-    model.loss(tokens, targets).backward()
-    expected = grads(model)
-    model.zero_grad()
-    accumulate_gradients(model, tokens, targets, num_microbatches=2)
-    got = grads(model)
-    for name in expected:
-        check_close(got[name], expected[name], name=f"accumulate_gradients with an all-padding micro-batch ({name})",
-                    inputs=describe(tokens=tokens))
+    case = dict(batch_size=6, seq_len=9, seed=11, padded_rows=(0, 1), uneven=True)
+    got = student.run(accumulated, case, 6, model_seed=3, num_layers=3)
+    want = _large_batch(case, model_seed=3, num_layers=3)
+    check_all_close(got["grads"], want["grads"], name="accumulate_gradients, M=B=6 (gradients)",
+                    inputs=_describe(case, 6))
+    check_close(got["losses"][0].double(), want["loss"], name="accumulate_gradients, M=B=6 (loss)",
+                inputs=_describe(case, 6), dtype="float32")

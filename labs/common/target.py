@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-# reference/common/target.py -> the kit's root
+# labs/common/target.py -> the kit's root
 KIT_ROOT = Path(__file__).resolve().parents[2]
 NAMED_TARGETS = {"labs": KIT_ROOT / "labs", "reference": KIT_ROOT / "reference"}
 LAB_PATTERN = re.compile(r"^lab(\d\d)_\w+$")  # a lab package's name: lab01_memory

@@ -102,3 +102,46 @@ def random_tensor(*shape: int, dtype: torch.dtype = torch.float32, seed: int, sc
     """Standard-normal test data from a private generator (never zeros, never the global RNG)."""
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+
+# -----------------------------------------------------------------------------
+# Builders that graded tests share: the grader computes expectations with them, and producers (in the worker)
+# build the same models and batches from the same seeds.
+
+
+def tiny_model(*, num_layers: int = 4, dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float64,
+               max_seq_len: int = 32, **overrides):
+    """The "tiny" preset of common.model, seeded, in `dtype` (fp64 by default: exact gradient comparisons)."""
+    from common.model import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    config = ModelConfig.preset("tiny", num_layers=num_layers, dropout=dropout, max_seq_len=max_seq_len, **overrides)
+    return Transformer(config).to(dtype)
+
+
+def corpus_batch(*, batch_size: int = 3, seq_len: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, targets) of the embedded corpus, both (batch_size, seq_len) int64."""
+    from common.data import get_batch, load_corpus
+
+    return get_batch(load_corpus(max_tokens=20_000), batch_size=batch_size, seq_len=seq_len, seed=seed)
+
+
+def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """name -> a copy of .grad, for every parameter that has one."""
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def check_all_close(got: dict, expected: dict, *, name: str, inputs: str = "", dtype=None, **tolerance) -> None:
+    """check_close for every entry of `expected`; a key missing from `got` (or holding None) is a failure too."""
+    if not isinstance(got, dict):
+        raise AssertionError(f"{name}: expected a dict of tensors, got {type(got).__name__}")
+    missing = sorted(key for key in expected if got.get(key) is None)
+    if missing:
+        raise AssertionError(f"{name}: no value for {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                             + (f" on input {inputs}" if inputs else ""))
+    extra = sorted(key for key in got if key not in expected and got[key] is not None)
+    if extra:
+        raise AssertionError(f"{name}: unexpected values for {extra[:5]} (they should be None)"
+                             + (f" on input {inputs}" if inputs else ""))
+    for key, want in expected.items():
+        check_close(got[key], want, name=f"{name} [{key}]", inputs=inputs, dtype=dtype, **tolerance)
