@@ -30,9 +30,16 @@ from pathlib import Path
 # Grading from a notebook cell
 
 
-def grade_part(lab: str, tests: list[str], *, points: float) -> float:
-    """Grade `tests` (file names under autograder/<lab>/) and return this cell's share of `points`."""
+def grade_part(lab: str, tests: list[str]) -> float:
+    """Grade `tests` (file names under autograder/<lab>/, with their hidden tests where this kit has them) and return
+    the points earned, out of the part's points as the tests define them (autograder/points.py).
+
+    Runs the autograder in a subprocess: the student's code runs in its jailed worker, never in this kernel. Under
+    nbgrader, the course's TrustedGrades preprocessor replaces this cell's output with a grading done outside the
+    student's kernel (autograder/nbgrader_grading.py), so nothing the notebook did before this cell counts.
+    """
     from autograder import runner
+    from autograder.points import part_points
 
     from common.target import default_target
 
@@ -40,13 +47,20 @@ def grade_part(lab: str, tests: list[str], *, points: float) -> float:
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        card = runner.grade([lab], target, tests=tests)
+        card = runner.grade([lab], target, runner.Options(tests=tuple(tests)))
     print(card.table())
     if stderr.getvalue().strip():
         print("(messages from the grader)\n" + stderr.getvalue())
     if card.max_score == 0:
         print("No test of this part could be graded on this machine.")
         return 0.0
+    points = sum(part_points(lab, test).total for test in tests)
+    hidden = sum(part_points(lab, test).hidden for test in tests)
+    graded_hidden = any(r.hidden for r in card.results)
+    if hidden and not graded_hidden:
+        print(f"This part is worth {points:g} points: {points - hidden:g} from the public tests above, {hidden:g} from "
+              "hidden tests your instructor grades after the deadline.")
+        points -= hidden
     return round(points * card.score / card.max_score, 3)
 
 
@@ -66,12 +80,15 @@ def code(source: str) -> dict:
     return nbformat.v4.new_code_cell(source.strip())
 
 
-def graded_cell(cell_id: str, lab: str, tests: list[str], points: float) -> dict:
-    """A locked autograder-test cell worth `points`, graded by the lab's test files."""
+def graded_cell(cell_id: str, lab: str, tests: list[str]) -> dict:
+    """A locked autograder-test cell, graded by the lab's test files and worth what their points add up to."""
+    from autograder.points import part_points
+
+    points = sum(part_points(lab, test).total for test in tests)
     cell = code(
         "# Graded: runs the autograder on your code for this part (do not edit this cell).\n"
         "from autograder.notebook import grade_part\n"
-        f"grade_part({lab!r}, {tests!r}, points={points})"
+        f"grade_part({lab!r}, {tests!r})"
     )
     cell.metadata["nbgrader"] = {"grade": True, "solution": False, "locked": True, "task": False,
                                  "points": points, "grade_id": cell_id, "schema_version": 3}
@@ -84,6 +101,35 @@ def answer_cell(cell_id: str, points: float, prompt: str = "YOUR ANSWER HERE") -
     cell.metadata["nbgrader"] = {"grade": True, "solution": True, "locked": False, "task": False,
                                  "points": points, "grade_id": cell_id, "schema_version": 3}
     return cell
+
+
+def graded_cell_call(source: str) -> tuple[str, list[str]] | None:
+    """(lab, tests) of a graded cell's `grade_part(...)` call, read from its source without running it."""
+    import ast
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "grade_part" and len(node.args) >= 2:
+            return ast.literal_eval(node.args[0]), list(ast.literal_eval(node.args[1]))
+    return None
+
+
+def refresh_graded_cells(path: str | os.PathLike) -> int:
+    """Rewrite every graded cell of a notebook from its tests (the call and nbgrader's points); returns how many."""
+    import nbformat
+
+    notebook = nbformat.read(str(path), as_version=4)
+    count = 0
+    for index, cell in enumerate(notebook.cells):
+        meta = cell.get("metadata", {}).get("nbgrader", {})
+        call = graded_cell_call(cell.source) if cell.cell_type == "code" and meta.get("grade") else None
+        if call is None:
+            continue
+        fresh = graded_cell(meta["grade_id"], call[0], call[1])
+        fresh.outputs, fresh.execution_count = cell.get("outputs", []), cell.get("execution_count")
+        notebook.cells[index] = fresh
+        count += 1
+    nbformat.write(notebook, str(path))
+    return count
 
 
 def lab_notebook(cells: list[dict], path: str | os.PathLike) -> None:
