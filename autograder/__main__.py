@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--tests", nargs="*", help="only these test files of the lab (e.g. test_checkpoint.py)")
     grade.add_argument("--public-only", action="store_true", help="skip hidden tests (what students can run)")
     grade.add_argument("--quiet", action="store_true", help="the table without failure details")
+    grade.add_argument("--progress", choices=("bar", "lines", "off"),
+                       help="progress while grading (default: a bar on a terminal, plain lines otherwise)")
     grade.add_argument("--time-limit-scale", type=float, default=float(os.environ.get("SLM_TIME_LIMIT_SCALE", 1.0)),
                        help="multiply every test's time limit (a slow machine: 2; default $SLM_TIME_LIMIT_SCALE or 1)")
     grade.add_argument("--jail", choices=("auto", "require", "off"), default=os.environ.get("SLM_JAIL", "auto"),
@@ -60,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "grade":
             labs = runner.discover_labs() if args.lab == "all" else [args.lab]
+            progress = args.progress or ("bar" if sys.stderr.isatty() else "lines")
             options = runner.Options(tests=tuple(args.tests or ()), include_hidden=not args.public_only,
-                                     time_limit_scale=args.time_limit_scale, jail=args.jail)
+                                     time_limit_scale=args.time_limit_scale, jail=args.jail, progress=progress)
             card = runner.grade(labs, args.target, options)
             if args.json:
                 card.write_gradescope(args.json)

@@ -14,8 +14,8 @@ plain data back. For each graded test, this plugin:
 4. records the outcome. A skip while the test runs is a failure, never a pass. A hidden test's message is its
    verdict alone: no traceback of the hidden test's source, and no output of the student's code.
 
-Results go to a JSON file (`--results`) that `autograder.runner` turns into the scorecard. With `--progress`, a line
-per test goes to stderr as it finishes.
+Results go to a JSON file (`--results`) that `autograder.runner` turns into the scorecard. With `--progress-fd N`, a
+JSON line per test goes to that descriptor as the test finishes (the runner draws a progress bar from them).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--time-limit-scale", type=float, default=1.0, help="multiply every test's time limit")
     group.addoption("--jail", default=os.environ.get("SLM_JAIL", "auto"), choices=("auto", "require", "off"),
                     help="confine student code with bubblewrap: auto (when available), require, or off")
-    group.addoption("--progress", action="store_true", help="print a line per graded test to stderr")
+    group.addoption("--progress-fd", type=int, default=None,
+                    help="write a JSON line per graded test to this file descriptor (the runner's progress pipe)")
     group.addoption("--fail-fast", action="store_true", help="stop at the first lost point (mutation testing)")
 
 
@@ -58,6 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "hidden: a hidden test (instructor copy only)")
     config._autograder_results = []
     config._autograder_pool = None
+    config._autograder_total = 0
 
 
 def _pool(config: pytest.Config):
@@ -104,6 +106,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item._autograder_points = float(marker.args[0]) / cases[key]
     # public tests first, hidden ones last, each in file order
     items.sort(key=lambda item: item.get_closest_marker("hidden") is not None)
+    if items:
+        items[0].config._autograder_total = sum(1 for item in items if item.get_closest_marker("points"))
 
 
 @pytest.fixture
@@ -150,10 +154,12 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         if record["outcome"] == "failed" and item.get_closest_marker("hidden"):
             reports = [_synthetic_report(item, "failed", record["message"], record["duration_s"])]
     config._autograder_results.append(record)
-    if config.getoption("--progress"):
-        status = {"passed": "PASS", "failed": "FAIL", "not_graded": "NOT GRADED HERE"}[record["outcome"]]
-        print(f"[autograder] {status} {record['score']:.3g}/{record['max_score']:.3g} {record['file']}::"
-              f"{record['name']} ({record['duration_s']:.1f} s)", file=sys.stderr, flush=True)
+    if config.getoption("--progress-fd") is not None:
+        progress = {"done": len(config._autograder_results), "total": config._autograder_total,
+                    "outcome": record["outcome"], "label": record["label"], "part": record["part"],
+                    "score": record["score"], "max_score": record["max_score"], "seconds": record["duration_s"]}
+        # a descriptor of its own: pytest captures stdout and stderr around tests
+        os.write(config.getoption("--progress-fd"), (json.dumps(progress) + "\n").encode())
     for report in reports:
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
@@ -204,10 +210,14 @@ def _record(item: pytest.Item, outcome: str, message: str, duration: float) -> d
     max_points = item._autograder_points
     function = getattr(item, "function", None)
     doc = (function.__doc__ or "").strip().splitlines() if function is not None and function.__doc__ else []
+    file = Path(str(item.fspath)).name
     return {
         "nodeid": item.nodeid,
-        "file": Path(str(item.fspath)).name,
+        "file": file,
+        "part": re.sub(r"_hidden\w*\.py$", ".py", file),  # hidden/test_plans_hidden.py belongs to test_plans.py
         "name": item.name,
+        "label": _readable_name(item),
+        "summary": _summary(message),
         "doc": doc[0] if doc else "",
         "outcome": outcome,
         "score": max_points if outcome == "passed" else 0.0,
@@ -216,6 +226,43 @@ def _record(item: pytest.Item, outcome: str, message: str, duration: float) -> d
         "message": _clip(message),
         "duration_s": round(duration, 3),
     }
+
+
+def _readable_name(item: pytest.Item) -> str:
+    """test_plan_segments (num_blocks=6, plan=every_k k=1), not test_plan_segments[6-plan1-expected1]."""
+    name = getattr(item, "originalname", None) or item.name
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return name
+    parts = []
+    for key, value in callspec.params.items():
+        if key in ("expected", "want"):  # the expectation is not an input
+            continue
+        if isinstance(value, dict):
+            text = " ".join(f"{k}={v}" if k != "plan" else str(v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            text = "x".join(map(str, value)) if all(isinstance(v, int) for v in value) else repr(value)
+        elif isinstance(value, type(item)) or callable(value):
+            text = getattr(value, "__name__", repr(value))
+        else:
+            text = str(value)
+        text = text if len(text) <= 28 else text[:25] + "..."
+        parts.append(f"{key}={text}" if not isinstance(value, dict) else text)
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
+def _summary(message: str) -> str:
+    """The line of a failure that says what went wrong: the first, or, when that only introduces a traceback (a
+    distributed rank's), the exception at the traceback's end."""
+    head = message.split("\nTraceback (in the submission)")[0].split("\n--- output")[0].strip()
+    lines = [line.strip() for line in head.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    first = lines[0]
+    if first.endswith(":") and len(lines) > 1:
+        exceptions = [line for line in lines[1:] if re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b", line)]
+        return f"{first} {exceptions[-1] if exceptions else lines[-1]}"
+    return first
 
 
 def _clip(message: str) -> str:

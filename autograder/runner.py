@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,16 @@ class TestResult:
     hidden: bool = False
     doc: str = ""
     duration_s: float = 0.0
+    part: str = ""  # the public test file this test is graded with (hidden tests too)
+    label: str = ""  # a readable name: the test and its parameters
+    summary: str = ""  # the one line that says what went wrong
+
+    @property
+    def shown_name(self) -> str:
+        return (self.label or self.name) + (" [hidden]" if self.hidden else "")
+
+
+STATUS = {"passed": "PASS", "failed": "FAIL", "not_graded": "NOT GRADED HERE"}
 
 
 @dataclass
@@ -136,28 +147,44 @@ class Scorecard:
         return list(dict.fromkeys(r.lab for r in self.results))
 
     def table(self, *, verbose: bool = True) -> str:
-        """A plain-text scorecard: one row per test, a total per lab, then failure messages."""
-        lines = [f"Target: {self.target}", f"Student code ran in: {self.jail or 'no worker started'}", ""]
-        width = max([len(r.name) for r in self.results] + [20])
+        """The scorecard: per lab, per part (with subtotals), one row per test; then the failure messages.
+
+        A lab whose every test failed for one reason (missing, or not importing) is one line with that reason."""
+        lines = [f"Target: {self.target}", f"Student code ran in: {self.jail or 'no worker was needed'}", ""]
+        width = min(56, max([len(r.shown_name) for r in self.results] + [24]))
         for lab in self.labs():
             rows = [r for r in self.results if r.lab == lab]
-            lab_score = sum(r.score for r in rows if r.outcome != "not_graded")
-            lab_max = sum(r.max_score for r in rows if r.outcome != "not_graded")
+            graded = [r for r in rows if r.outcome != "not_graded"]
+            lab_score, lab_max = sum(r.score for r in graded), sum(r.max_score for r in graded)
+            reasons = {r.message for r in graded}
+            if graded and lab_score == 0 and len(reasons) == 1 and len(graded) > 1:
+                lines += [f"{lab}  {lab_score:.4g} / {lab_max:.4g}   every test: {graded[0].summary}", ""]
+                continue
             lines.append(f"{lab}  {lab_score:.4g} / {lab_max:.4g}")
-            for r in rows:
-                status = {"passed": "PASS", "failed": "FAIL", "not_graded": "NOT GRADED HERE"}[r.outcome]
-                first = r.message.strip().splitlines()[0][:90] if r.message.strip() else ""
-                lines.append(f"  {status:<15} {r.score:>5.3g}/{r.max_score:<5.3g} {r.name:<{width}} {first}")
+            for part in dict.fromkeys(r.part or r.file for r in rows):
+                in_part = [r for r in rows if (r.part or r.file) == part]
+                scored = [r for r in in_part if r.outcome != "not_graded"]
+                lines.append(f"  {part:<{width + 20}} {sum(r.score for r in scored):>6.3g} / "
+                             f"{sum(r.max_score for r in scored):.3g}")
+                for r in in_part:
+                    name = r.shown_name if len(r.shown_name) <= width else r.shown_name[: width - 3] + "..."
+                    reason = r.summary[:70] if r.outcome != "passed" else ""
+                    lines.append(f"    {STATUS[r.outcome]:<15} {r.score:>5.3g}/{r.max_score:<5.3g} {name:<{width}} "
+                                 f"{reason}".rstrip())
             lines.append("")
         not_graded = [r for r in self.results if r.outcome == "not_graded"]
         lines.append(f"TOTAL  {self.score:.4g} / {self.max_score:.4g}"
                      + (f"   ({len(not_graded)} tests, {sum(r.max_score for r in not_graded):g} points, "
                         "not graded here: they need hardware this machine lacks)" if not_graded else ""))
         failures = [r for r in self.results if r.outcome == "failed"]
+        collapsed = {lab for lab in self.labs() if len({r.message for r in failures if r.lab == lab}) == 1
+                     and all(r.score == 0 for r in self.graded if r.lab == lab)}
         if verbose and failures:
             lines += ["", "Failures", "--------"]
             for r in failures:
-                lines += [f"[{r.lab}] {r.name} ({r.file})", _indent(r.message.strip()[:1500]), ""]
+                if r.lab in collapsed and r is not next(f for f in failures if f.lab == r.lab):
+                    continue
+                lines += [f"[{r.lab}] {r.part or r.file} :: {r.shown_name}", _indent(r.message.strip()[:1500]), ""]
         return "\n".join(lines)
 
     def gradescope(self) -> dict:
@@ -165,7 +192,7 @@ class Scorecard:
         tests = []
         for r in self.results:
             entry = {
-                "name": f"{r.lab}: {r.name}",
+                "name": f"{r.lab}: {r.part or r.file}: {r.label or r.name}",
                 "score": r.score,
                 "max_score": r.max_score if r.outcome != "not_graded" else 0.0,
                 "output": r.message if r.message else "passed",
@@ -182,14 +209,43 @@ class Scorecard:
     def write_csv(self, path: str | os.PathLike) -> None:
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["lab", "test", "file", "outcome", "score", "max_score", "hidden", "message"])
+            writer.writerow(["lab", "part", "test", "outcome", "score", "max_score", "hidden", "message"])
             for r in self.results:
-                first = r.message.strip().splitlines()[0] if r.message.strip() else ""
-                writer.writerow([r.lab, r.name, r.file, r.outcome, r.score, r.max_score, r.hidden, first])
+                writer.writerow([r.lab, r.part or r.file, r.label or r.name, r.outcome, r.score, r.max_score,
+                                 r.hidden, r.summary])
 
 
 def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
+
+
+# -----------------------------------------------------------------------------
+# Progress
+
+
+def _follow_progress(fd: int, lab: str, mode: str) -> None:
+    """Render the plugin's progress events as a bar (a terminal) or plain lines (CI logs)."""
+    started = time.monotonic()
+    done = total = 0
+    with os.fdopen(fd, "rb") as stream:
+        for raw in stream:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            done, total = event["done"], event["total"]
+            status = STATUS[event["outcome"]]
+            if mode == "lines":
+                print(f"[{lab}] {done}/{total} {status} {event['score']:.3g}/{event['max_score']:.3g} "
+                      f"{event['part']} :: {event['label']} ({event['seconds']:.1f} s)", file=sys.stderr, flush=True)
+            elif mode == "bar":
+                filled = int(30 * done / max(total, 1))
+                label = f"{event['part']} :: {event['label']}"[:60]
+                print(f"\r[{lab}] {'#' * filled}{'.' * (30 - filled)} {done}/{total} {label:<60}", end="",
+                      file=sys.stderr, flush=True)
+    if mode == "bar" and total:
+        print(f"\r[{lab}] {done}/{total} tests in {time.monotonic() - started:.0f} s{' ' * 90}", file=sys.stderr,
+              flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -204,14 +260,14 @@ class Options:
     include_hidden: bool = True
     time_limit_scale: float = 1.0
     jail: str = "auto"  # auto | require | off (autograder/jail.py)
-    progress: bool = False  # a line per test on stderr while grading
+    progress: str = "off"  # while grading, on stderr: "bar" (a terminal), "lines" (CI logs) or "off"
     fail_fast: bool = False  # stop a lab at its first lost point (mutation testing)
 
 
 def grade(labs: list[str], target: str, options: Options = Options()) -> Scorecard:
     """Grade `labs` against `target` ("labs", "reference", a directory laid out like labs/, or a zip of one)."""
     with open_target(target) as target_dir:
-        card = Scorecard(target=str(target_dir) if target in ("labs", "reference") else target)
+        card = Scorecard(target=target)  # as the user named it: no instructor paths in the scorecard
         for lab in labs:
             results, jail_used = grade_lab(resolve_lab(lab), target_dir, options)
             card.results += results
@@ -238,8 +294,10 @@ def grade_lab(lab: str, target_dir: Path, options: Options) -> tuple[list[TestRe
         "-q", "--no-header", "--tb=short", "--import-mode=importlib", "-p", "no:cacheprovider",
         "--rootdir", str(KIT_ROOT), "-o", "addopts=",
     ]
-    if options.progress:
-        command.append("--progress")
+    progress_read = progress_write = None
+    if options.progress != "off":
+        progress_read, progress_write = os.pipe()
+        command += ["--progress-fd", str(progress_write)]
     if options.fail_fast:
         command.append("--fail-fast")
     if not options.include_hidden:
@@ -252,8 +310,13 @@ def grade_lab(lab: str, target_dir: Path, options: Options) -> tuple[list[TestRe
     )
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=KIT_ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=None if options.progress else subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(command, cwd=KIT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True, pass_fds=(progress_write,) if progress_write else ())
+    reader = None
+    if progress_write is not None:
+        os.close(progress_write)  # the child holds the write end; EOF arrives when it exits
+        reader = threading.Thread(target=_follow_progress, args=(progress_read, lab, options.progress), daemon=True)
+        reader.start()
     limit = LAB_TIME_LIMIT_S * options.time_limit_scale
     try:
         output, _ = process.communicate(timeout=limit)
@@ -266,6 +329,8 @@ def grade_lab(lab: str, target_dir: Path, options: Options) -> tuple[list[TestRe
             os.killpg(process.pid, signal.SIGKILL)  # nothing the run started may outlive it
         except ProcessLookupError:
             pass
+        if reader is not None:
+            reader.join(timeout=5)
     text = output.decode(errors="replace")
     # pytest exit codes: 0 all passed, 1 some failed (a normal grading outcome); anything else is the grader's fault
     if process.returncode not in (0, 1) or not results_file.stat().st_size:
@@ -279,7 +344,7 @@ def grade_lab(lab: str, target_dir: Path, options: Options) -> tuple[list[TestRe
     results = [
         TestResult(lab=lab, name=t["name"], file=t["file"], outcome=t["outcome"], score=t["score"],
                    max_score=t["max_score"], message=t["message"], hidden=t["hidden"], doc=t["doc"],
-                   duration_s=t["duration_s"])
+                   duration_s=t["duration_s"], part=t["part"], label=t["label"], summary=t["summary"])
         for t in data["tests"]
     ]
     return results, data.get("jail", "")
