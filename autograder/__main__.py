@@ -4,7 +4,7 @@
     python -m autograder doctor
     python -m autograder mutate LAB [--budget N]         mutation-test a lab's graded tests
     python -m autograder stubs [--check]                 regenerate labs/ from reference/
-    python -m autograder release OUT [--nbgrader]        write the student release (and an nbgrader course)
+    python -m autograder release OUT [--nbgrader COURSE] write the student release (and an nbgrader course)
 
 `grade` exits 0 when grading finished, whatever the score, and non-zero only when the grader itself failed.
 """
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from autograder import runner
+from autograder.release import ReleaseError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,10 +53,13 @@ def main(argv: list[str] | None = None) -> int:
 
     stubs = commands.add_parser("stubs", help="regenerate the student stubs in labs/ from reference/")
     stubs.add_argument("--check", action="store_true", help="fail if labs/ differs instead of writing")
+    stubs.add_argument("--force", action="store_true",
+                       help="overwrite stubs even where they hold edits (yours or a student's) that git does not have")
 
     release = commands.add_parser("release", help="write the student release directory")
     release.add_argument("out", help="the directory to create")
-    release.add_argument("--nbgrader", action="store_true", help="also write an nbgrader course (source/, release/)")
+    release.add_argument("--nbgrader", metavar="COURSE",
+                         help="also write an nbgrader course (source/, release/, config) to this separate folder")
     release.add_argument("--labs", nargs="*", help="only these labs (numbers or folder names); default all")
 
     args = parser.parse_args(argv)
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stubs":
             from autograder import release as release_tool
 
-            changed = release_tool.sync_stubs(check=args.check)
+            changed = release_tool.sync_stubs(check=args.check, force=args.force)
             if args.check and changed:
                 print("labs/ is out of date with reference/ for:\n  " + "\n  ".join(changed))
                 return 1
@@ -98,9 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             from autograder import release as release_tool
 
             labs = [runner.resolve_lab(lab) for lab in args.labs] if args.labs else None
-            out = release_tool.write_release(args.out, nbgrader=args.nbgrader, labs=labs)
+            if args.nbgrader and Path(args.nbgrader).resolve().is_relative_to(Path(args.out).resolve()):
+                raise release_tool.ReleaseError("the nbgrader course is the instructor's (it holds gradebook.db): "
+                                                "write it outside the student release")
+            out = release_tool.write_release(args.out, labs=labs)
             print(f"student release written to {out}")
-    except runner.GraderError as error:
+            if args.nbgrader:
+                course = release_tool.write_nbgrader_course(args.nbgrader, labs=labs)
+                print(f"nbgrader course written to {course}")
+    except (runner.GraderError, ReleaseError) as error:
         print(f"autograder: {error}", file=sys.stderr)
         return 2
     return 0

@@ -43,6 +43,11 @@ def grade_part(lab: str, tests: list[str]) -> float:
 
     from common.target import default_target
 
+    if os.environ.get("SLM_NBGRADER_AUTOGRADE") == "1":
+        # nbgrader autograde: the course's TrustedGrades step grades this part outside the kernel and replaces
+        # this cell's output; grading here too would only cost time
+        print("Graded by the course's autograder outside this notebook.")
+        return 0.0
     target = default_target()
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), warnings.catch_warnings():

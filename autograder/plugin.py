@@ -236,7 +236,7 @@ def _readable_name(item: pytest.Item) -> str:
         return name
     parts = []
     for key, value in callspec.params.items():
-        if key in ("expected", "want"):  # the expectation is not an input
+        if key.startswith(("expected", "want")):  # the expectation is not an input
             continue
         if isinstance(value, dict):
             text = " ".join(f"{k}={v}" if k != "plan" else str(v) for k, v in value.items())

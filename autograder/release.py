@@ -11,9 +11,10 @@ at the region's indentation. The stubs are checked in under labs/; `sync_stubs(c
 drift from the reference.
 
 The student release holds labs/ (the stubs and the shared code, labs/common), the public tests (no `hidden/` folders),
-the slides, pyproject.toml and environment.yml, and is scanned for solution markers before it is returned. With
-`nbgrader=True` it also holds an nbgrader course: source/<lab>/ (notebook + stubs), nbgrader_config.py, and the
-release/ that `nbgrader generate_assignment` makes from it.
+the slides, the grader (without its instructor-only tools), pyproject.toml, environment.yml and its own README, and is
+scanned for solution markers, solution lines, hidden tests and databases before it is returned. The nbgrader course
+(source/<lab>/ with notebook and stubs, nbgrader_config.py, the release/ that `nbgrader generate_assignment` makes,
+and nbgrader's gradebook.db) is written to a separate folder: it is the instructor's, never the students'.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ from autograder.runner import AUTOGRADER_DIR, KIT_ROOT, LAB_PATTERN
 REFERENCE_DIR = KIT_ROOT / "reference"
 LABS_DIR = KIT_ROOT / "labs"
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
-INSTRUCTOR_ONLY = ("mutate.py",)  # tools that work on reference/, which the release does not hold
+class ReleaseError(RuntimeError):
+    """A release or stub command refused to run (an existing folder, stale stubs, edits it would overwrite)."""
+
+
+INSTRUCTOR_ONLY = ("mutate.py", "nbgrader_grading.py", "nbgrader_config.py")  # tools that work on reference/, which the release does not hold
 MARKER = re.compile(r"^(\s*)# (BEGIN|END) SOLUTION\s*$")
 
 
@@ -100,28 +105,50 @@ def expected_stubs() -> dict[Path, str]:
     return stubs
 
 
-def sync_stubs(*, check: bool = False, labs_dir: Path = LABS_DIR) -> list[str]:
+def sync_stubs(*, check: bool = False, force: bool = False, labs_dir: Path = LABS_DIR) -> list[str]:
     """Write (or, with check, only compare) labs/ from reference/; returns the files that differed.
 
-    Python files under labs/<lab>/ that have no reference counterpart are reported too (stale stubs).
+    Python files under labs/<lab>/ that have no reference counterpart are reported too (stale stubs). Writing refuses
+    (ReleaseError, nothing written) when a stub holds edits that neither the reference generates nor git has: someone's
+    work, e.g. a student who ran this in their own checkout. `force` overwrites them anyway.
     """
     expected = expected_stubs()
-    changed = []
+    changed, stale = [], []
     for relpath, text in expected.items():
         target = labs_dir / relpath
         if not target.exists() or target.read_text() != text:
-            changed.append(relpath.as_posix())
-            if not check:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(text)
+            changed.append(relpath)
     for lab_dir in reference_labs():
         for path in sorted((labs_dir / lab_dir.name).rglob("*.py")):
             relpath = path.relative_to(labs_dir)
             if relpath not in expected:
-                changed.append(f"{relpath.as_posix()} (no reference file)")
-                if not check:
-                    path.unlink()
-    return changed
+                stale.append(relpath)
+    report = [r.as_posix() for r in changed] + [f"{r.as_posix()} (no reference file)" for r in stale]
+    if check:
+        return report
+    edited = [r for r in changed + stale if (labs_dir / r).exists() and not _committed(labs_dir / r)]
+    if edited and not force:
+        raise ReleaseError("these stubs hold edits that the reference does not generate and git does not have, so "
+                           "writing would destroy them: " + ", ".join(r.as_posix() for r in edited)
+                           + " (commit them, or pass --force to overwrite)")
+    for relpath in changed:
+        target = labs_dir / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(expected[relpath])
+    for relpath in stale:
+        (labs_dir / relpath).unlink()
+    return report
+
+
+def _committed(path: Path) -> bool:
+    """Whether `path` holds exactly what git's HEAD has for it (False outside a git checkout, or if untracked)."""
+    try:
+        relative = path.resolve().relative_to(KIT_ROOT)
+        head = subprocess.run(["git", "show", f"HEAD:{relative.as_posix()}"], cwd=KIT_ROOT, capture_output=True,
+                              timeout=30)
+    except (ValueError, OSError, subprocess.TimeoutExpired):
+        return False
+    return head.returncode == 0 and head.stdout == path.read_bytes()
 
 
 def solution_lines() -> set[str]:
@@ -148,38 +175,107 @@ def solution_lines() -> set[str]:
 # Student release
 
 
-RELEASE_README = """# Systems for Large Models: student release
+def release_readme(labs: list[str]) -> str:
+    """The student release's README: complete on its own (students never see the instructor's checkout)."""
+    from autograder.points import lab_parts
 
-Set up once (CPU laptop; see environment.yml for a conda/GPU setup):
+    rows = []
+    for lab in labs:
+        parts = lab_parts(lab)
+        public = sum(p.public for p in parts.values())
+        hidden = sum(p.hidden for p in parts.values())
+        names = ", ".join(f"{name[5:-3]} ({p.public:g})" for name, p in parts.items())
+        rows.append(f"| `{lab}` | {public:g} | {hidden:g} | {names} |")
+    table = "\n".join(rows)
+    return STUDENT_README.replace("{LAB_TABLE}", table).replace("{FIRST}", labs[0] if labs else "lab01_memory")
 
-    python -m venv .venv && . .venv/bin/activate
-    pip install torch==2.13.0 -e ".[dev]"
 
-Then open a lab, fill in the functions that raise NotImplementedError, and check your work:
+STUDENT_README = """# Systems for Large Models: the labs
 
-    jupyter lab labs/lab01_memory/lab01_memory.ipynb
-    python -m autograder grade 01 --target labs        # the public tests, with points
-    python -m autograder doctor                        # what this machine can grade
+You build, one lab at a time, the techniques that let billion-parameter transformers be trained, fine-tuned and served
+on modest hardware. Each lab is a folder under `labs/` with a notebook that explains and drives it, and Python modules
+whose functions you fill in. Everything runs and is graded on a laptop CPU; a few measurements need a GPU and say so.
 
-The slides under slides/ run against your own code in this release (SLM_TARGET=labs).
+## Set up (once)
+
+You need Python 3.10-3.12 and about 3 GB of disk.
+
+Linux (a laptop without an NVIDIA GPU). PyPI's torch for Linux is the CUDA build, several GB of NVIDIA packages; take
+the CPU build from PyTorch's own index first:
+
+    python3 -m venv .venv && . .venv/bin/activate
+    pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    pip install -e ".[student]"
+
+macOS (Apple silicon or Intel) and Windows: PyPI's torch is already the CPU build.
+
+    python3 -m venv .venv && . .venv/bin/activate          # Windows: .venv\\Scripts\\activate
+    pip install torch==2.13.0 -e ".[student]"
+
+On Windows, use WSL 2 (Ubuntu) for the labs with several processes (03, 04, 05, 09, 10): they need Linux's process
+model, and grading there runs your code in the same sandbox as your instructor's grader.
+
+A GPU machine (Linux, NVIDIA): `pip install torch==2.13.0 -e ".[student]"` gives the CUDA build.
+
+Triton (about 300 MB) is installed on every system, also without a GPU: on a CPU, Triton kernels run in its
+interpreter (`TRITON_INTERPRET=1`, set for you), so the kernel labs (02, 07, 08, 09) work on a laptop.
+
+## Work on a lab
+
+    jupyter lab labs/{FIRST}/{FIRST}.ipynb
+
+Read the notebook top to bottom. Each task names a function in the lab's modules that raises `NotImplementedError`;
+write it, then run the notebook's graded cell for that part, or grade from a terminal:
+
+    python -m autograder grade 01                          # every public test of lab 01, with points
+    python -m autograder grade 01 --tests test_plans.py    # one part
+    python -m autograder doctor                            # what this machine can grade
+
+A failure names the function, the input it was given and how far off your result was. Your code runs in a separate
+worker process (on Linux, inside a bubblewrap sandbox when one is available; elsewhere you see a one-line warning),
+so a hang or a crash costs one test, not your session. Tests that need a GPU are reported "not graded here" on a
+laptop: they count neither for nor against you. Grading one lab takes one to three minutes on a 2-core laptop.
+
+## The labs and their points
+
+The points below are those of the public tests you have. Your instructor also grades hidden tests: the same ideas on
+inputs you do not see (the "hidden" column), so test your code beyond the public cases.
+
+| lab | public points | hidden points | parts (public points) |
+|---|---|---|---|
+{LAB_TABLE}
+
+## Submit
+
+Zip the lab's folder as it sits in `labs/` (the modules and the notebook) and hand it in as your course says, or use
+the course's nbgrader exchange. Only your lab's modules are graded; `labs/common/` is the course's shared code, and
+the grader always uses its own copy of it.
+
+## Slides
+
+The lecture decks are in `slides/`; they run against your own code here:
+
+    jupyter lab slides/{FIRST}.ipynb
 """
 
 
-def write_release(out: str | Path, *, nbgrader: bool = False, labs: list[str] | None = None) -> Path:
+def write_release(out: str | Path, *, labs: list[str] | None = None) -> Path:
     """Write the student release to `out` (which must not exist) and verify it holds no solution text.
 
     Args:
         out: the directory to create.
-        nbgrader: also write an nbgrader course under out/nbgrader.
         labs: release only these lab folders (e.g. week by week); default every lab.
+
+    Raises:
+        ReleaseError: `out` exists, or the stubs are out of date.
     """
     out = Path(out).resolve()
     if out.exists():
-        raise FileExistsError(f"release directory {out} already exists")
+        raise ReleaseError(f"the release directory {out} already exists: choose a new one (or remove it first)")
     labs = labs or [p.name for p in reference_labs()]
     stale = [f for f in sync_stubs(check=True) if f.split("/")[0] in labs]
     if stale:
-        raise RuntimeError(f"labs/ is out of date with reference/ ({', '.join(stale)}): run `python -m autograder stubs`")
+        raise ReleaseError(f"labs/ is out of date with reference/ ({', '.join(stale)}): run `python -m autograder stubs`")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints", "hidden")
     for lab in labs:
         shutil.copytree(LABS_DIR / lab, out / "labs" / lab, ignore=ignore)
@@ -194,17 +290,18 @@ def write_release(out: str | Path, *, nbgrader: bool = False, labs: list[str] | 
     shutil.copytree(LABS_DIR / "common", out / "labs" / "common", ignore=ignore)
     for name in ("pyproject.toml", "environment.yml", ".gitignore"):
         shutil.copy2(KIT_ROOT / name, out / name)
-    (out / "README.md").write_text(RELEASE_README)
-    if nbgrader:
-        write_nbgrader_course(out / "nbgrader", labs=labs)
+    (out / "README.md").write_text(release_readme(labs))
     check_release(out)
     return out
 
 
 def check_release(out: Path) -> None:
-    """Raise if the release holds a solution marker, a line of solution code, a hidden test or a reference lab."""
+    """Raise if the release holds a solution marker, a line of solution code, a hidden test, a reference lab or a
+    database (nbgrader's gradebook.db holds students' grades)."""
     secrets = solution_lines()
     for path in out.rglob("*"):
+        if path.suffix in (".db", ".sqlite"):
+            raise RuntimeError(f"release leaks a database: {path.relative_to(out)}")
         if path.is_dir():
             if path.name in ("hidden", "reference"):
                 raise RuntimeError(f"release leaks {path.relative_to(out)}")
@@ -223,8 +320,14 @@ def check_release(out: Path) -> None:
 # nbgrader course
 
 
-def write_nbgrader_course(course: Path, *, labs: list[str]) -> Path:
-    """source/<lab>/ (notebook and stubs) for each lab, the course config, and release/ made by nbgrader itself."""
+def write_nbgrader_course(course: str | Path, *, labs: list[str] | None = None) -> Path:
+    """source/<lab>/ (notebook and stubs) for each lab, the course config, and release/ made by nbgrader itself.
+
+    The course folder is the instructor's (it holds nbgrader's gradebook.db); it must not exist yet."""
+    course = Path(course).resolve()
+    if course.exists():
+        raise ReleaseError(f"the nbgrader course directory {course} already exists: choose a new one")
+    labs = labs or [p.name for p in reference_labs()]
     course.mkdir(parents=True)
     shutil.copy2(AUTOGRADER_DIR / "nbgrader_config.py", course / "nbgrader_config.py")
     for lab_dir in (LABS_DIR / lab for lab in labs):

@@ -74,9 +74,13 @@ def open_target(target: str):
             shutil.rmtree(unpacked, ignore_errors=True)
         return
     try:
-        yield resolve_target_dir(target)
+        directory = resolve_target_dir(target)
     except FileNotFoundError:
         raise GraderError(f"target {target!r} is neither 'labs', 'reference', a directory nor a .zip") from None
+    if LAB_PATTERN.match(directory.name) and (directory / "__init__.py").exists():
+        raise GraderError(f"target {target!r} is a lab folder; give the folder that holds it: "
+                          f"--target {Path(target).parent.as_posix() or '.'}")
+    yield directory
 
 
 def _unzip_submission(path: Path, out: Path) -> Path:

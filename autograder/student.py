@@ -408,6 +408,7 @@ class Student:
         """
         import torch
 
+        __tracebackhide__ = True  # a failure's traceback shows the test's line, not the grader's plumbing
         name, qualname, path = _producer_address(producer)
         worker = self._pool.worker(self._lab, hidden=self._hidden)
         if worker.files.get(name) != path:
@@ -426,6 +427,7 @@ def _outcome(reply: dict, blob: bytes, *, what: str, show_output: bool = True):
     """Turn a worker's reply into the producer's value, or the matching StudentError."""
     import torch
 
+    __tracebackhide__ = True
     output = reply.get("output", "") if show_output else ""
     status = reply.get("status")
     if status == "grader_error":

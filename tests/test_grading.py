@@ -91,3 +91,39 @@ def test_zip_submission_is_graded(tmp_path):
         zf.writestr("../escape.py", "print('outside')")
     proc = run_cli("grade", "01", "--target", str(evil))
     assert proc.returncode == 2 and "unsafe path" in proc.stderr
+
+
+def test_bad_targets_get_one_line_errors(tmp_path):
+    corrupt = tmp_path / "corrupt.zip"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    for target, expected in ((str(corrupt), "not a valid zip"), (str(tmp_path / "missing.zip"), "no such zip"),
+                             (str(tmp_path / "nowhere"), "neither"),
+                             ("reference/lab01_memory", "is a lab folder; give the folder that holds it")):
+        proc = run_cli("grade", "01", "--target", target)
+        assert proc.returncode == 2, (target, proc.stderr)
+        assert expected in proc.stderr and "Traceback" not in proc.stderr, (target, proc.stderr)
+
+
+def test_report_groups_by_part_marks_hidden_tests_and_cleans_up(tmp_path):
+    """The table groups tests by lab and part with subtotals, names parametrized cases by their parameters, marks
+    hidden tests, shows progress while grading, and removes the unzipped submission afterwards."""
+    import glob
+    import zipfile
+
+    from kit_helpers import KIT_ROOT
+
+    archive = tmp_path / "submission.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in (KIT_ROOT / "labs" / "lab01_memory").glob("*.py"):
+            zf.write(path, f"lab01_memory/{path.name}")
+    before = set(glob.glob("/tmp/submission-*"))
+    proc = run_cli("grade", "01", "--target", str(archive), "--tests", "test_plans.py", "--progress", "lines")
+    assert proc.returncode == 0, proc.stderr
+    assert set(glob.glob("/tmp/submission-*")) == before, "the unzipped submission was left behind"
+    table = proc.stdout
+    assert "  test_plans.py" in table and " / 17" in table  # the part and its subtotal (public + hidden)
+    assert "[hidden]" in table
+    assert "test_sqrt_plan_rounds_to_nearest (num_blocks=7)" in table
+    assert "[7-" not in table and "plan0" not in table, "pytest's parameter ids reached the table"
+    assert str(archive) in table.splitlines()[0]
+    assert "[lab01_memory] 1/" in proc.stderr and "test_plans.py ::" in proc.stderr, "no progress lines"

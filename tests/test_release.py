@@ -99,6 +99,42 @@ def test_every_graded_test_has_points_and_runs_student_code_only_in_the_worker()
     assert found > 10
 
 
+def test_release_refuses_to_overwrite_and_to_hold_the_course(tmp_path):
+    """An existing folder, an nbgrader course inside the release: one-line errors, nothing written."""
+    (tmp_path / "exists").mkdir()
+    proc = run_cli("release", str(tmp_path / "exists"), "--labs", "01")
+    assert proc.returncode == 2 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("release", str(tmp_path / "r"), "--nbgrader", str(tmp_path / "r" / "course"), "--labs", "01")
+    assert proc.returncode == 2 and "outside the student release" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_stubs_refuse_to_overwrite_edits(tmp_path):
+    """`stubs` keeps a student's (or an author's) uncommitted edits unless --force."""
+    target = tmp_path / "labs"
+    shutil.copytree(KIT_ROOT / "labs", target, ignore=shutil.ignore_patterns("*.ipynb", "__pycache__"))
+    edited = target / "lab01_memory" / "plans.py"
+    edited.write_text(edited.read_text() + "\n# my work in progress\n")
+    with pytest.raises(release.ReleaseError, match="lab01_memory/plans.py"):
+        release.sync_stubs(labs_dir=target)
+    assert "# my work in progress" in edited.read_text()
+    release.sync_stubs(labs_dir=target, force=True)
+    assert "# my work in progress" not in edited.read_text()
+
+
+def test_release_readme_is_complete_and_points_come_from_the_tests(tmp_path):
+    from autograder.points import lab_parts
+
+    out = release.write_release(tmp_path / "release", labs=["lab01_memory"])
+    text = (out / "README.md").read_text()
+    for needed in ("download.pytorch.org/whl/cpu", "macOS", "Windows", "python -m autograder grade 01",
+                   "not graded here", "Submit"):
+        assert needed in text, f"the student README does not say {needed!r}"
+    public = sum(p.public for p in lab_parts("lab01_memory").values())
+    assert f"| `lab01_memory` | {public:g} |" in text
+    assert "reference" not in text.split("## The labs")[0].lower().replace("references", "")
+
+
 def test_release_contains_no_solutions_or_hidden_tests(tmp_path):
     out = release.write_release(tmp_path / "release")
     assert (out / "labs" / "lab01_memory" / "checkpoint.py").exists()

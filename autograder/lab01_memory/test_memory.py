@@ -46,16 +46,17 @@ def _formula(baseline: int, per_block: list[int], input_bytes: int, segments: li
 
 
 @pytest.mark.points(2)
-@pytest.mark.parametrize("plan, segments", [
+@pytest.mark.parametrize("plan, expected_segments", [
     (dict(plan="none"), []),
     (dict(plan="every_k", k=1), [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]),
     (dict(plan="every_k", k=3), [(0, 1), (3, 4)]),
     (dict(plan="segments", num_segments=2), [(0, 3), (3, 5)]),
     (dict(plan="sqrt"), [(0, 3), (3, 5)]),
 ])
-def test_predict_saved_bytes_formula(student, plan, segments):
+def test_predict_saved_bytes_formula(student, plan, expected_segments):
     """saved(plan) = S - sum_s (sum_{b in s} S_b - I_s), on made-up numbers (uneven block sizes, 5 blocks)."""
     per_block = [1000, 1100, 1200, 1300, 1700]
+    segments = expected_segments
     expected = _formula(7000, per_block, 130, segments)
     got = student.run(predicted, 7000, per_block, 130, plan)
     assert got == expected, (
