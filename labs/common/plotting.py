@@ -21,9 +21,16 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], *, ylabel: str, ti
 def tradeoff_plot(points: dict[str, tuple[float, float]], *, xlabel: str, ylabel: str, title: str, ax=None):
     """A labelled scatter of (x, y) per name, e.g. saved memory against step time per checkpoint plan."""
     ax = ax or plt.subplots(figsize=(5, 4))[1]
-    for name, (x, y) in points.items():
+    xs, ys = [x for x, _ in points.values()], [y for _, y in points.values()]
+    x_span, y_span = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float]] = []
+    for name, (x, y) in sorted(points.items(), key=lambda item: item[1]):
         ax.scatter([x], [y], s=40)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        # a label near an earlier one goes below its point instead of above, so the two do not overlap
+        crowded = any(abs(x - px) < 0.12 * x_span and abs(y - py) < 0.15 * y_span for px, py in placed)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, -12 if crowded else 6), fontsize=8)
+        placed.append((x, y))
+    ax.margins(x=0.12, y=0.15)  # room for the labels at the edges
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
