@@ -5,6 +5,7 @@
     python -m autograder mutate LAB [--budget N]         mutation-test a lab's graded tests
     python -m autograder stubs [--check]                 regenerate labs/ from reference/
     python -m autograder release OUT [--nbgrader COURSE] write the student release (and an nbgrader course)
+    python -m autograder slides [LAB ...] [--check]      render lecture decks to offline reveal.js HTML
 
 `grade` exits 0 when grading finished, whatever the score, and non-zero only when the grader itself failed.
 """
@@ -56,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     stubs.add_argument("--force", action="store_true",
                        help="overwrite stubs even where they hold edits (yours or a student's) that git does not have")
 
+    slides = commands.add_parser("slides", help="render lecture decks to offline reveal.js HTML")
+    slides.add_argument("labs", nargs="*", help="lab numbers or folder names (default: every deck)")
+    slides.add_argument("--out", default="slides/_build", help="folder for the HTML and reveal.js (default slides/_build)")
+    slides.add_argument("--target", default=None, help="run the decks on: reference (default in a kit checkout), labs")
+    slides.add_argument("--check", action="store_true", help="also check each deck in headless Chromium at 1280x720")
+
     release = commands.add_parser("release", help="write the student release directory")
     release.add_argument("out", help="the directory to create")
     release.add_argument("--nbgrader", metavar="COURSE",
@@ -86,6 +93,21 @@ def main(argv: list[str] | None = None) -> int:
             print(mutation.report(lab, outcomes))
             if args.json:
                 Path(args.json).write_text(json.dumps(mutation.to_json(lab, outcomes), indent=1))
+        elif args.command == "slides":
+            from autograder import decks
+
+            names = [runner.resolve_lab(lab) for lab in args.labs] or None
+            found = decks.decks(names)
+            if not found:
+                raise runner.GraderError("no deck found under slides/")
+            for deck in found:
+                html = decks.render_deck(deck, Path(args.out), target=args.target)
+                line = f"{deck.stem}: {html}"
+                if args.check:
+                    report = decks.check_in_browser(html)
+                    problems = [f"slide {p['slide']}: {p['what']}" for p in report["overflow"]]
+                    line += f"  ({report['slides']} slides; " + ("; ".join(problems) or "all fit 1280x720") + ")"
+                print(line)
         elif args.command == "doctor":
             from autograder import doctor
 

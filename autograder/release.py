@@ -1,6 +1,6 @@
 """The release tool: stubs from the reference, the student release, and the nbgrader course.
 
-One source of truth (DESIGN.md): reference/labNN_*/*.py is the complete implementation, with the parts students write
+One source of truth (docs/design.md): reference/labNN_*/*.py is the complete implementation, with the parts students write
 between `# BEGIN SOLUTION` and `# END SOLUTION`. `make_stub` keeps everything else (imports, signatures, docstrings,
 setup lines, hints in comments) and replaces each fenced region with
 

@@ -13,6 +13,7 @@ def test_ci_runs_the_readme_command():
     lines = [line for line in README.splitlines() if re.match(pattern, line)]
     assert lines, "README has no test command that .ci/run can find"
     assert "pip install torch==2.13.0" in lines[0], "the CPU torch must be pinned in the install step"
+    assert "chromium" in lines[0] and "bubblewrap" in lines[0], "the deck check and the jail need their packages"
 
 
 def test_main_job_command_is_documented():
@@ -27,3 +28,19 @@ def test_documented_cli_shapes_exist():
             main(args)
         except SystemExit as exit:
             assert exit.code == 0
+
+
+def test_every_document_named_exists():
+    """Nothing points outside the repository: every upper-case .md document and docs/ file the kit names exists."""
+    import re as _re
+
+    named = set()
+    for path in KIT_ROOT.rglob("*"):
+        if path.suffix in (".py", ".md", ".ipynb") and ".venv" not in path.parts and ".git" not in path.parts:
+            text = path.read_text(errors="replace")
+            named |= {m for m in _re.findall(r"\b([A-Z][A-Z_]+\.md)\b", text)}
+            named |= {m for m in _re.findall(r"\b(docs/[\w-]+\.md)\b", text)}
+    have = {p.name for p in KIT_ROOT.rglob("*.md") if ".venv" not in p.parts}
+    missing = sorted(n for n in named if (n.startswith("docs/") and not (KIT_ROOT / n).exists())
+                     or (not n.startswith("docs/") and n not in have))
+    assert not missing, f"documents named but absent: {missing}"

@@ -1,7 +1,7 @@
 """Who am I in a distributed job: rank, world size, device, read once and passed around (never stored globally).
 
 `dist_info()` reads RANK, LOCAL_RANK and WORLD_SIZE as torchrun sets them (nanoGPT does the same) and returns a
-frozen `DistInfo`. Code that communicates takes its process group as an argument (STYLE.md section 6); this module only
+frozen `DistInfo`. Code that communicates takes its process group as an argument (docs/authoring.md, "Code style"); this module only
 answers questions about the current process.
 
 Launch with torchrun on GPUs:   torchrun --nproc_per_node 2 -m lab03_data_parallel.benchmark
@@ -51,7 +51,7 @@ def init_from_env() -> DistInfo:
     """Initialise the default process group from torchrun's environment and return this process's DistInfo."""
     info = dist_info()
     if info.backend == "nccl":
-        # NVLink multicast (NVLS) stays off on shared hosts: see GPU.md
+        # NVLink multicast (NVLS) stays off on shared hosts: see docs/gpu.md
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         torch.cuda.set_device(info.device)
     if not dist.is_initialized():

@@ -3,7 +3,7 @@
 Labs 04 (tensor and pipeline parallelism), 05 (ZeRO), 09 (expert parallelism) and 10 (the planner) all need to know,
 for the current rank, who shares its tensor-parallel group, which pipeline stage it is, and which ranks hold the same
 shard in other data-parallel replicas. torch's DeviceMesh (`init_device_mesh`) builds those groups; this module only
-fixes the axis order and names and returns them (never stores them globally, STYLE.md section 6).
+fixes the axis order and names and returns them (never stores them globally, docs/authoring.md, "Code style").
 
 Layout: tp varies fastest, then pp, then dp (Megatron-LM's order), so the ranks of one tensor-parallel group are
 neighbours, on one node's NVLink when there are several nodes:

@@ -1,6 +1,6 @@
 """Tolerances and comparisons: the one place where "close enough" is defined for every lab.
 
-Tolerances follow from the dtype the result was computed in (DESIGN.md): fp64 ~1e-10, fp32 ~1e-5 relative,
+Tolerances follow from the dtype the result was computed in (docs/design.md): fp64 ~1e-10, fp32 ~1e-5 relative,
 tf32 ~3e-4, bf16/fp16 ~1e-2. A check passes when |actual - expected| <= atol + rtol * |expected| everywhere.
 
 `check_close` fails with a message a student can act on: the function, the input it was given, where the worst error

@@ -10,7 +10,7 @@ For each it records the activation bytes autograd saves (SavedTensorMeter), the 
 and the median step time (CUDA events), then prints each against "none". Correctness comes first: every plan's
 gradients are compared with the plain model's on a small fp32 batch before anything is timed.
 
-Target (PERFORMANCE.md): at least 45% less activation memory at no more than 1.3x the step time.
+Target (docs/performance.md): at least 45% less activation memory at no more than 1.3x the step time.
 
     PYTHONPATH=reference:labs python -m lab01_memory.benchmark --out results/
 """
