@@ -105,13 +105,19 @@ def expected_stubs() -> dict[Path, str]:
     return stubs
 
 
+STUB_MANIFEST = ".stubs-written.json"  # under labs/, git-ignored: what `stubs` wrote last, by content hash
+
+
 def sync_stubs(*, check: bool = False, force: bool = False, labs_dir: Path = LABS_DIR) -> list[str]:
     """Write (or, with check, only compare) labs/ from reference/; returns the files that differed.
 
     Python files under labs/<lab>/ that have no reference counterpart are reported too (stale stubs). Writing refuses
-    (ReleaseError, nothing written) when a stub holds edits that neither the reference generates nor git has: someone's
-    work, e.g. a student who ran this in their own checkout. `force` overwrites them anyway.
+    (ReleaseError, nothing written) when a stub holds edits that neither git has nor this command wrote last time:
+    someone's work, e.g. a student who ran this in their own checkout. `force` overwrites them anyway.
     """
+    import hashlib
+    import json
+
     expected = expected_stubs()
     changed, stale = [], []
     for relpath, text in expected.items():
@@ -126,17 +132,28 @@ def sync_stubs(*, check: bool = False, force: bool = False, labs_dir: Path = LAB
     report = [r.as_posix() for r in changed] + [f"{r.as_posix()} (no reference file)" for r in stale]
     if check:
         return report
-    edited = [r for r in changed + stale if (labs_dir / r).exists() and not _committed(labs_dir / r)]
+    manifest_path = labs_dir / STUB_MANIFEST
+    written = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+
+    def untouched(path: Path) -> bool:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return written.get(path.relative_to(labs_dir).as_posix()) == digest or _committed(path)
+
+    edited = [r for r in changed + stale if (labs_dir / r).exists() and not untouched(labs_dir / r)]
     if edited and not force:
-        raise ReleaseError("these stubs hold edits that the reference does not generate and git does not have, so "
-                           "writing would destroy them: " + ", ".join(r.as_posix() for r in edited)
+        raise ReleaseError("these stubs hold edits that git does not have and `stubs` did not write, so writing would "
+                           "destroy them: " + ", ".join(r.as_posix() for r in edited)
                            + " (commit them, or pass --force to overwrite)")
     for relpath in changed:
         target = labs_dir / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(expected[relpath])
+        written[relpath.as_posix()] = hashlib.sha256(target.read_bytes()).hexdigest()
     for relpath in stale:
         (labs_dir / relpath).unlink()
+        written.pop(relpath.as_posix(), None)
+    if changed or stale:
+        manifest_path.write_text(json.dumps(written, indent=1, sort_keys=True))
     return report
 
 

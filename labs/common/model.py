@@ -219,6 +219,16 @@ class Block(nn.Module):
 BlockRunner = Callable[[nn.ModuleList, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class LossFn(Protocol):
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor: ...
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits (B, N, V) against targets (B, N), in at least fp32; targets of -100 are padding."""
+    logits = logits.flatten(0, 1).to(_at_least_fp32(logits.dtype))  # (B * N, V)
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction=reduction)
+
+
 def run_in_order(blocks: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The default block runner: x_l = block_l(x_{l-1})."""
     for block in blocks:
@@ -231,6 +241,7 @@ class Transformer(nn.Module):
 
     `self.blocks` is a plain ModuleList. `self.block_runner(blocks, x, cos, sin)` runs them; the default runs them in
     order, and labs install their own (lab 01 checkpoints segments of blocks) without renaming any parameter.
+    `self.loss_fn(logits, targets, reduction=...)` is the loss (`token_cross_entropy` unless a lab installs another).
     """
 
     def __init__(self, config: ModelConfig, attention: AttentionFn = sdpa_attention):
@@ -247,6 +258,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.block_runner: BlockRunner = run_in_order
+        # like block_runner, replaceable: lab 01's selective recomputation recomputes the loss's fp32 log-softmax
+        self.loss_fn: LossFn = token_cross_entropy
         self.apply(self._init_weights)
 
     @staticmethod
@@ -274,10 +287,8 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x))  # (B, N, V)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy over tokens; targets equal to -100 are ignored (padding)."""
-        logits = self.forward(tokens)
-        logits = logits.flatten(0, 1).to(_at_least_fp32(logits.dtype))  # (B * N, V)
-        return F.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction=reduction)
+        """Cross-entropy over tokens; targets equal to -100 are ignored (padding). `self.loss_fn` computes it."""
+        return self.loss_fn(self.forward(tokens), targets, reduction=reduction)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
