@@ -13,7 +13,8 @@ Operators (the bugs students make, in miniature):
     boolean      and <-> or, `not x` -> x
     constant     an integer n -> n + 1 and n - 1 (off by one)
     statement    a statement (a call, an assignment) dropped, i.e. replaced by `pass`
-    arguments    the first two positional arguments of a call swapped
+    arguments    the first two positional arguments of a call swapped (not of calls where they commute: max, add,
+                 transpose, ...)
     return       `return x` -> `return None`
 
 Why not mutmut or cosmic-ray: both mutate whole modules and run the test suite themselves (mutmut through trampolines
@@ -55,6 +56,9 @@ ARITHMETIC = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: as
 COMPARISON = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
               ast.NotEq: ast.Eq, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In}
 BOOLEAN = {ast.And: ast.Or, ast.Or: ast.And}
+# calls whose first two arguments commute: swapping them would only make equivalent mutants
+SYMMETRIC_CALLS = {"transpose", "swapaxes", "swapdims", "max", "min", "maximum", "minimum", "add", "mul", "hypot",
+                   "gcd", "lcm", "isclose", "allclose", "equal", "eq", "ne"}
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ def generate(source: str, file: str) -> list[Mutant]:
             for delta in (1, -1):
                 add(node, "constant", ast.Constant(node.value + delta))
         elif isinstance(node, ast.Call) and len(node.args) >= 2 and not any(
-                isinstance(a, ast.Starred) for a in node.args[:2]):
+                isinstance(a, ast.Starred) for a in node.args[:2]) and _call_name(node) not in SYMMETRIC_CALLS:
             swapped = ast.Call(node.func, [node.args[1], node.args[0], *node.args[2:]], node.keywords)
             add(node, "arguments", swapped)
         if isinstance(node, ast.Return) and node.value is not None and not (
@@ -162,6 +166,11 @@ def generate(source: str, file: str) -> list[Mutant]:
             add(node, "statement", "pass")
     mutants.sort(key=lambda m: (m.line, m.col, m.operator, m.after))
     return mutants
+
+
+def _call_name(node: ast.Call) -> str:
+    func = node.func
+    return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
 
 
 def lab_mutants(lab: str) -> list[Mutant]:
