@@ -64,8 +64,9 @@ def w4a16_speed(weight: dict, *, rounds: int = 7, calls: int = 40) -> dict:
     from common.bench import interleaved
     from lab02_numerics.w4a16 import w4a16_matmul
 
-    from test_w4a16 import build_weight
+    from test_w4a16 import build_weight, own_kernel_only
 
+    own_kernel_only()
     device = torch.device("cuda")
     N, K = weight["shape"]
     qw = build_weight(weight, device)

@@ -83,10 +83,11 @@ def scale_of(loss: torch.Tensor, config: dict | None) -> dict:
     return {"scaled": scaler.scale(loss), "scale": float(scaler.get_scale())}
 
 
-def non_finite_of(grads: list) -> bool:
+def non_finite_of(grads: list) -> dict:
     from lab02_numerics.loss_scaler import found_non_finite
 
-    return bool(found_non_finite(grads))
+    found = found_non_finite(grads)
+    return {"value": bool(found) if isinstance(found, bool) else None, "type": type(found).__name__}
 
 
 def config_error(config: dict) -> None:
@@ -186,8 +187,9 @@ def test_found_non_finite(student):
     for grads, expected in cases:
         got = student.run(non_finite_of, grads)
         shown = [tuple(g.shape) for g in grads]
-        assert got is expected, f"found_non_finite({shown}, with {'an overflow' if expected else 'none'}) " \
-                                f"returned {got}, expected {expected}"
+        assert got["type"] == "bool", f"found_non_finite({shown}) must return a bool, got a {got['type']}"
+        assert got["value"] is expected, f"found_non_finite({shown}, with {'an overflow' if expected else 'none'}) " \
+                                         f"returned {got['value']}, expected {expected}"
 
 
 @pytest.mark.points(3)

@@ -227,7 +227,7 @@ def test_small_updates_survive_with_master(student, dtype):
                                  (0.5, 0.0, 0), (1.0, 1e-4, 0)]:
         got = student.run(small_updates, start, update, steps, dtype)
         low = torch.tensor(start, dtype=torch_dtype)
-        master = torch.tensor(start, dtype=torch.float32)
+        master = torch.tensor(start).float()
         for _ in range(steps):
             low = (low + torch.tensor(update, dtype=torch.float32).to(torch_dtype)).to(torch_dtype)
             master = master + torch.tensor(update, dtype=torch.float32)
@@ -307,15 +307,15 @@ def _simulate_train(precision: str, *, steps: int = 1, max_grad_norm=None, scale
             loss = model.loss(tokens, targets)
         if grad_scaler is not None:
             grad_scaler.scale(loss).backward()
-            if max_grad_norm is not None:
+            if max_grad_norm:  # 0.5 or 0.05 here, or None
                 grad_scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                nn.utils.clip_grad_norm_(list(model.parameters()), max_norm=max_grad_norm)
             grad_scaler.step(optimizer)
             grad_scaler.update()
         else:
             loss.backward()
-            if max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if max_grad_norm:  # 0.5 or 0.05 here, or None
+                nn.utils.clip_grad_norm_(list(model.parameters()), max_norm=max_grad_norm)
             optimizer.step()
         out["losses"].append(loss.detach().float())
         out["params"].append({name: p.detach().clone() for name, p in model.named_parameters()})

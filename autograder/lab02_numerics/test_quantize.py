@@ -139,6 +139,29 @@ def test_absmax_error_bound(student, per_channel):
     _check_bound(x, x_hat, scale / 2, name="absmax_dequantize(absmax_quantize(x))", inputs=inputs)
 
 
+@pytest.mark.points(1)
+@pytest.mark.parametrize("scheme", ["absmax", "zeropoint"])
+def test_per_tensor_takes_any_shape(student, scheme):
+    """Per tensor, the weight may have any shape (a 1-D bias, a 3-D stack): one scalar scale, the bound holds; only
+    per-channel needs (N, K)."""
+    from autograder.lab02_numerics.formulas import absmax_scale, zeropoint_scale
+
+    for x in (random_tensor(3, 5, 7, seed=19), random_tensor(11, seed=20)):
+        inputs = describe(x=x, per_channel=False)
+        if scheme == "absmax":
+            got = student.run(absmax, x, False)
+            scale = absmax_scale(x, per_channel=False)
+            x_hat = student.run(absmax_deq, got["q"], got["scale"])
+        else:
+            got = student.run(zeropoint, x, False)
+            scale, _ = zeropoint_scale(x, per_channel=False)
+            x_hat = student.run(zeropoint_deq, got["q"], got["scale"], got["zero_point"])
+        assert got["q"].shape == x.shape and got["scale"].dim() == 0, \
+            f"{scheme} per tensor on {inputs}: codes {tuple(got['q'].shape)}, scale shape {tuple(got['scale'].shape)}"
+        check_close(got["scale"], scale, name=f"{scheme} per-tensor scale", inputs=inputs, rtol=1e-5)
+        _check_bound(x, x_hat, scale / 2, name=f"{scheme} per tensor", inputs=inputs)
+
+
 @pytest.mark.points(2)
 def test_absmax_dequantize(student):
     """absmax_dequantize(q, s) = s q, in the requested dtype (fp32 by default), with per-row and per-tensor scales."""

@@ -45,6 +45,22 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def own_kernel_only() -> None:
+    """The reference's fast path ships with the lab (w4a16_gemv.py, to read): it must not stand in for the graded
+    kernel. Its kernel object refuses to launch while a graded producer runs (every reference to it sees this)."""
+    import lab02_numerics.w4a16  # noqa: F401  (the student's module first, whatever it imports)
+
+    try:
+        from lab02_numerics import w4a16_gemv
+    except ImportError:
+        return
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("w4a16_matmul must launch your own kernel, not the reference fast path (w4a16_gemv.py)")
+
+    w4a16_gemv.w4a16_gemv_kernel.run = refuse
+
+
 def build_weight(weight: dict, device: torch.device, *, double: dict | None = None):
     """An Int4Weight or NF4Weight from the grader's plain tensors (optionally with double-quantized NF4 scales)."""
     from lab02_numerics.nf4 import NF4Weight, QuantizedScales
@@ -64,6 +80,7 @@ def w4a16(x: torch.Tensor, weight: dict, config: dict | None = None, *, x_dtype:
     """w4a16_matmul(x, weight, config=W4A16Config(**config)); x given (K, M) and transposed when `transposed`."""
     from lab02_numerics.w4a16 import W4A16Config, w4a16_matmul
 
+    own_kernel_only()
     device = _device()
     x = x.to(device=device, dtype=DTYPES[x_dtype])
     if transposed:
