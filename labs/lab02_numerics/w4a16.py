@@ -82,7 +82,7 @@ def default_config(M: int, N: int, K: int, group_size: int) -> W4A16Config:
     """Fixed tiles for decode-like shapes (M <= 16): one M tile, 32-wide N tiles, K steps of up to 128 columns, K split
     in up to 4.
 
-    Chosen from the tile sweep recorded in results/lab02_benchmark.json (H100, M = 1, 27 tiles): this tile was the
+    Chosen from the tile sweep recorded in results/h100/lab02_benchmark.json (H100, M = 1, 27 tiles): this tile was the
     fastest at K = N = 4096 (22.5 us) and within 4% of the fastest at 8192. Split-K by 4 gives N / 32 * 4 = 512
     programs at N = 4096, about 4 per SM, which the memory system needs to keep enough loads in flight.
     Under the interpreter (CPU) the smallest legal tiles are fastest, so tests stay quick.
