@@ -12,6 +12,60 @@ import torch
 
 from common.testing import check_close, describe
 
+# -----------------------------------------------------------------------------
+# The cost model (no communication)
+
+
+def cost_model_values(ps: list[int], sizes: list[int], fit_sizes: list[int]) -> dict:
+    """Producer: AlphaBeta(7 us, 150 GB/s).ring_time for every case, fit on its own times, and the errors."""
+    from lab03_data_parallel.collectives import AlphaBeta
+
+    model = AlphaBeta(alpha_s=7e-6, beta_s_per_byte=1 / 150e9)
+    times = {f"{c} {p} {n}": torch.tensor(model.ring_time(c, n, p), dtype=torch.float64)
+             for c in ("reduce_scatter", "all_gather", "all_reduce") for p in ps for n in sizes}
+    fit_times = [2 * 3 * 7e-6 + 2 * 3 / 4 * n / 150e9 for n in fit_sizes]  # the exact model at p = 4
+    fitted = AlphaBeta.fit(fit_sizes, fit_times, world_size=4)
+    errors = {}
+    for label, call in (("collective", lambda: model.ring_time("all_to_all", 10, 2)),
+                        ("nbytes", lambda: model.ring_time("all_reduce", -1, 2)),
+                        ("world_size", lambda: model.ring_time("all_reduce", 10, 0))):
+        try:
+            call()
+            errors[label] = "no error"
+        except Exception as error:  # noqa: BLE001
+            errors[label] = f"{type(error).__name__}: {error}"
+    return {"times": times, "fit": torch.tensor([fitted.alpha_s, fitted.beta_s_per_byte], dtype=torch.float64),
+            "errors": errors}
+
+
+@pytest.mark.points(2)
+def test_alpha_beta_cost_model(student):
+    """ring_time follows (p-1)·alpha + (p-1)/p·n·beta per pass (two passes for all-reduce), fit recovers the model
+    from exact times, and an unknown collective raises ValueError."""
+    ps, sizes = [1, 2, 3, 8], [0, 1000, 12_345_678]
+    fit_sizes = [2**k for k in range(10, 28, 2)]
+    got = student.run(cost_model_values, ps, sizes, fit_sizes)
+    for collective in ("reduce_scatter", "all_gather", "all_reduce"):
+        for p in ps:
+            for n in sizes:
+                one_pass = (p - 1) * 7e-6 + (p - 1) / p * n / 150e9
+                expected = 2 * one_pass if collective == "all_reduce" else one_pass
+                check_close(got["times"][f"{collective} {p} {n}"], torch.tensor(expected, dtype=torch.float64),
+                            name=f"AlphaBeta.ring_time({collective!r})", inputs=describe(world_size=p, nbytes=n))
+    check_close(got["fit"], torch.tensor([7e-6, 1 / 150e9], dtype=torch.float64),
+                name="AlphaBeta.fit on exact model times", inputs=describe(sizes=len(fit_sizes), world_size=4),
+                rtol=1e-4, atol=0)
+    for label, call in (("collective", "'all_to_all', 10, 2"), ("nbytes", "'all_reduce', -1, 2"),
+                        ("world_size", "'all_reduce', 10, 0")):
+        message = got["errors"][label]
+        assert message.startswith("ValueError") and label in message, (
+            f"AlphaBeta.ring_time({call}) should raise ValueError naming {label}, got: {message}")
+
+
+# -----------------------------------------------------------------------------
+# Ring collectives on 2, 3 and 4 ranks
+
+
 def ring_results(shared_run, world_size: int, *, subgroups: bool = False) -> list[dict]:
     """The ranks' results of workers.ring_collectives, run once per world size and shared by the tests below."""
     from autograder.lab03_data_parallel.workers import ring_collectives
@@ -112,53 +166,3 @@ def test_ring_moves_the_ring_volume_point_to_point(shared_run, world_size):
     """With every torch collective banned before the lab is imported, each rank sends and receives, through
     send/recv/isend/irecv, 2(p-1)/p of the tensor for an all-reduce and (p-1)/p for a reduce-scatter or all-gather."""
     check_traffic(ring_results(shared_run, world_size), world_size=world_size)
-
-
-# -----------------------------------------------------------------------------
-# The cost model (no communication)
-
-
-def cost_model_values(ps: list[int], sizes: list[int], fit_sizes: list[int]) -> dict:
-    """Producer: AlphaBeta(7 us, 150 GB/s).ring_time for every case, fit on its own times, and the errors."""
-    from lab03_data_parallel.collectives import AlphaBeta
-
-    model = AlphaBeta(alpha_s=7e-6, beta_s_per_byte=1 / 150e9)
-    times = {f"{c} {p} {n}": torch.tensor(model.ring_time(c, n, p), dtype=torch.float64)
-             for c in ("reduce_scatter", "all_gather", "all_reduce") for p in ps for n in sizes}
-    fit_times = [2 * 3 * 7e-6 + 2 * 3 / 4 * n / 150e9 for n in fit_sizes]  # the exact model at p = 4
-    fitted = AlphaBeta.fit(fit_sizes, fit_times, world_size=4)
-    errors = {}
-    for label, call in (("collective", lambda: model.ring_time("all_to_all", 10, 2)),
-                        ("nbytes", lambda: model.ring_time("all_reduce", -1, 2)),
-                        ("world_size", lambda: model.ring_time("all_reduce", 10, 0))):
-        try:
-            call()
-            errors[label] = "no error"
-        except Exception as error:  # noqa: BLE001
-            errors[label] = f"{type(error).__name__}: {error}"
-    return {"times": times, "fit": torch.tensor([fitted.alpha_s, fitted.beta_s_per_byte], dtype=torch.float64),
-            "errors": errors}
-
-
-@pytest.mark.points(2)
-def test_alpha_beta_cost_model(student):
-    """ring_time follows (p-1)·alpha + (p-1)/p·n·beta per pass (two passes for all-reduce), fit recovers the model
-    from exact times, and an unknown collective raises ValueError."""
-    ps, sizes = [1, 2, 3, 8], [0, 1000, 12_345_678]
-    fit_sizes = [2**k for k in range(10, 28, 2)]
-    got = student.run(cost_model_values, ps, sizes, fit_sizes)
-    for collective in ("reduce_scatter", "all_gather", "all_reduce"):
-        for p in ps:
-            for n in sizes:
-                one_pass = (p - 1) * 7e-6 + (p - 1) / p * n / 150e9
-                expected = 2 * one_pass if collective == "all_reduce" else one_pass
-                check_close(got["times"][f"{collective} {p} {n}"], torch.tensor(expected, dtype=torch.float64),
-                            name=f"AlphaBeta.ring_time({collective!r})", inputs=describe(world_size=p, nbytes=n))
-    check_close(got["fit"], torch.tensor([7e-6, 1 / 150e9], dtype=torch.float64),
-                name="AlphaBeta.fit on exact model times", inputs=describe(sizes=len(fit_sizes), world_size=4),
-                rtol=1e-4, atol=0)
-    for label, call in (("collective", "'all_to_all', 10, 2"), ("nbytes", "'all_reduce', -1, 2"),
-                        ("world_size", "'all_reduce', 10, 0")):
-        message = got["errors"][label]
-        assert message.startswith("ValueError") and label in message, (
-            f"AlphaBeta.ring_time({call}) should raise ValueError naming {label}, got: {message}")
