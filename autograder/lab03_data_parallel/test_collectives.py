@@ -89,6 +89,8 @@ def expected_ring(members: list[int], seed: int = 7) -> list[dict]:
 
 def check_values(results: list[dict], *, world_size: int, subgroups: bool = False) -> None:
     """Every collective's result on every rank and case against the float64 expectation, in the case's dtype."""
+    from autograder.lab03_data_parallel.workers import split_sizes
+
     for out in results:
         members = out["members"]
         g = members.index(out["rank"])
@@ -115,9 +117,11 @@ def check_values(results: list[dict], *, world_size: int, subgroups: bool = Fals
             if not got["all_reduce in place"]:
                 raise AssertionError(f"ring_all_reduce must reduce in place and return the tensor it was given, "
                                      f"like dist.all_reduce; it returned {got['all_reduce returned']!r:.80} ({inputs})")
-        assert out["bad shard"].startswith("ValueError"), (
+        chunk = split_sizes(100 * len(members) + 1, len(members))[g]
+        assert out["bad shard"].startswith("ValueError") and str(chunk) in out["bad shard"], (
             f"ring_all_gather with a 3-element shard for numel {100 * len(members) + 1} over {len(members)} ranks "
-            f"should raise ValueError on rank {out['rank']}, got: {out['bad shard']}")
+            f"should raise ValueError naming the chunk size expected of rank {out['rank']} ({chunk}), got: "
+            f"{out['bad shard']}")
         assert out["bad op"].startswith("ValueError") and "op" in out["bad op"], (
             f"ring_all_reduce(op='max') should raise ValueError naming op on rank {out['rank']}, got: {out['bad op']}")
 
