@@ -1,17 +1,16 @@
-"""Lab 03 hidden tests (collectives): ring all-reduce inside subgroups, where peers must be addressed by global rank."""
+"""Lab 03 hidden tests (collectives): the ring collectives inside subgroups, where peers must be addressed by global
+rank and chunks by group rank."""
 
 import pytest
-
-from common.testing import check_close, describe
 
 
 @pytest.mark.points(2)
 @pytest.mark.time_limit(120)
-def test_ring_all_reduce_in_two_subgroups(distributed):
-    """World size 4: the even and the odd ranks each run a ring all-reduce in their own subgroup, concurrently."""
-    from autograder.lab03_data_parallel.workers import ring_subgroup_worker
+def test_ring_collectives_in_two_subgroups(shared_run):
+    """World size 4: the even and the odd ranks each run every ring collective in their own subgroup, concurrently,
+    with the values and the point-to-point volume of a ring of 2."""
+    from autograder.lab03_data_parallel.test_collectives import check_traffic, check_values, ring_results
 
-    results = distributed(ring_subgroup_worker, world_size=4, args=(21,), timeout_s=90)
-    for rank, (got, expected) in enumerate(results):
-        check_close(got, expected, name="ring_all_reduce(group=subgroup) against dist.all_reduce(group=subgroup)",
-                    inputs=describe(world_size=4, rank=rank, subgroup="even ranks" if rank % 2 == 0 else "odd ranks"))
+    results = ring_results(shared_run, 4, subgroups=True)
+    check_values(results, world_size=4, subgroups=True)
+    check_traffic(results, world_size=4)
