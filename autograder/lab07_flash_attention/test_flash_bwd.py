@@ -46,6 +46,18 @@ def triton_backward(q, k, v, o, lse, do, *, causal: bool, sm_scale: float | None
     return {**runs[0], "runs": runs, "inputs_after": [t.cpu() for t in (q, k, v, o, lse, do)]}
 
 
+def triton_backward_sweep(cases: list[dict], *, config: dict) -> list[dict]:
+    """flash_attn_bwd (causal) on many small cases (q, k, v, o, lse, do each) in one call: [{"dq", "dk", "dv"}]."""
+    from lab07_flash_attention.flash_bwd import flash_attn_bwd
+
+    results = []
+    for case in cases:
+        tensors = [case[name].to(_device()) for name in ("q", "k", "v", "o", "lse", "do")]
+        dq, dk, dv = flash_attn_bwd(*tensors, causal=True, config=_backward_config(config))
+        results.append({"dq": dq.cpu(), "dk": dk.cpu(), "dv": dv.cpu()})
+    return results
+
+
 def backward_error(what: str) -> None:
     """flash_attn_bwd on O, L or dO that do not match q."""
     from lab07_flash_attention.flash_bwd import flash_attn_bwd
@@ -167,6 +179,32 @@ def test_backward_non_contiguous_do_and_other_tiles(student, make_qkv, attention
     config = dict(dkdv=dict(block_m=16, block_n=64), dq=dict(block_m=64, block_n=32))
     _check_backward(student, q, k, v, do, False, attention_float64, grads_float64, config=config, do_heads_last=True,
                     what=" (transposed dO)")
+
+
+# Causal offsets Nk - Nq: every residue modulo the 16-row query steps of the dK/dV kernel and the 16-key steps of
+# the dQ kernel, and rows that see no key at all
+SWEEP_OFFSETS = [-37, -12] + list(range(-3, 14)) + [29]
+
+
+@pytest.mark.points(3)
+def test_backward_causal_offsets_sweep(student, make_qkv, attention_float64, grads_float64):
+    """Causal with Nk = Nq + offset for every offset above, Nq = 21 (ragged), 32 (whole tiles) or 50 (negative offsets); dK/dV programs own
+    32 keys and step over 16 queries, dQ programs own 32 queries and step over 16 keys: the skipped, diagonal and
+    full query ranges are exact at every alignment."""
+    cases = []
+    for offset in SWEEP_OFFSETS:
+        Nq = 50 if offset < -3 else 32 if offset % 2 else 21  # 50: a whole 32-row query tile sees no key at -37
+        q, k, v, do = make_qkv(1, 1, 1, Nq, Nq + offset, 16, seed=300 + offset)
+        o, lse = attention_float64(q, k, v, causal=True)
+        cases.append(dict(q=q, k=k, v=v, o=o.float(), lse=lse.float(), do=do))
+    config = dict(dkdv=dict(block_m=16, block_n=32), dq=dict(block_m=32, block_n=16))
+    got = student.run(triton_backward_sweep, cases, config=config)
+    for case, result in zip(cases, got):
+        q, k, v, do = case["q"], case["k"], case["v"], case["do"]
+        inputs = describe(q=q, k=k, causal=True, config=config)
+        for name, e in zip(("dq", "dk", "dv"), grads_float64(q, k, v, do, causal=True)):
+            check_close(result[name], e, name=f"flash_attn_bwd ({name}) with Nq={q.shape[2]}, Nk={k.shape[2]}",
+                        inputs=inputs, atol=1e-5)
 
 
 @pytest.mark.points(1)

@@ -33,13 +33,25 @@ def triton_forward(q, k, v, *, causal: bool, sm_scale: float | None = None, conf
             "q_contiguous": q.is_contiguous()}
 
 
+def triton_forward_sweep(cases: list[dict], *, config: dict) -> list[dict]:
+    """flash_attn_fwd (causal, KernelConfig(**config)) on many small cases in one call: [{"o", "lse"}]."""
+    from lab07_flash_attention.flash_fwd import KernelConfig, flash_attn_fwd
+
+    results = []
+    for case in cases:
+        o, lse = flash_attn_fwd(*(case[name].to(_device()) for name in "qkv"), causal=True,
+                                config=KernelConfig(**config))
+        results.append({"o": o.cpu(), "lse": lse.cpu()})
+    return results
+
+
 def forward_error(q_shape: list, k_shape: list, *, q_dtype: str = "float32", k_dtype: str = "float32",
-                  k_device: str | None = None, v_shape: list | None = None) -> None:
+                  q_device: str | None = None, k_device: str | None = None, v_shape: list | None = None) -> None:
     """flash_attn_fwd on inputs it must refuse."""
     from lab07_flash_attention.flash_fwd import flash_attn_fwd
 
     device = _device()
-    q = torch.ones(*q_shape, dtype=getattr(torch, q_dtype), device=device)
+    q = torch.ones(*q_shape, dtype=getattr(torch, q_dtype), device=q_device or device)
     k = torch.ones(*k_shape, dtype=getattr(torch, k_dtype), device=k_device or device)
     v = torch.ones(*(v_shape or k_shape), dtype=getattr(torch, k_dtype), device=k_device or device)
     flash_attn_fwd(q, k, v)
@@ -132,6 +144,40 @@ def test_forward_long_diagonal_band(student, make_qkv, attention_float64, check_
     _check_forward(student, q, k, v, True, attention_float64, check_lse, config=config, what=" (64 x 16 tiles)")
 
 
+# Causal offsets Nk - Nq: every residue modulo the 16-key tiles, and rows that see no key at all (whole query tiles
+# among them). Where the unmasked key range ends, and where the masked one does, only show at some alignments.
+SWEEP_OFFSETS = [-37, -20, -12] + list(range(-3, 14)) + [20, 29]
+
+
+@pytest.mark.points(3)
+def test_forward_causal_offsets_sweep(student, make_qkv, attention_float64, check_lse):
+    """Causal with Nk = Nq + offset for every offset above, Nq = 21 (ragged), 32 (whole tiles) or 50 (negative offsets), 32 x 16 tiles:
+    the split into full, diagonal and skipped key tiles is exact at every alignment."""
+    cases = []
+    for offset in SWEEP_OFFSETS:
+        Nq = 50 if offset < -3 else 32 if offset % 2 else 21  # 50: a whole 32-row query tile sees no key at -37
+        q, k, v, _ = make_qkv(1, 1, 1, Nq, Nq + offset, 16, seed=200 + offset)
+        cases.append(dict(q=q, k=k, v=v))
+    config = dict(block_m=32, block_n=16, num_warps=4, num_stages=1)
+    got = student.run(triton_forward_sweep, cases, config=config)
+    for case, result in zip(cases, got):
+        q, k, v = case["q"], case["k"], case["v"]
+        o_ref, lse_ref = attention_float64(q, k, v, causal=True)
+        what = f" with Nq={q.shape[2]}, Nk={k.shape[2]}, 32 x 16 tiles"
+        check_close(result["o"], o_ref, name=f"flash_attn_fwd (O){what}", inputs=describe(q=q, k=k, causal=True))
+        check_lse(result["lse"], lse_ref, name=f"flash_attn_fwd (L){what}", inputs=describe(q=q, k=k, causal=True))
+
+
+@pytest.mark.points(1)
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_large_logits(student, causal, make_qkv, attention_float64, check_lse):
+    """Scores in the hundreds (q scaled by 30): the running max must be the true max of the scaled scores, or exp
+    overflows or underflows to nothing."""
+    q, k, v, _ = make_qkv(1, 2, 1, 45, 45, 16, seed=73)
+    _check_forward(student, q * 30.0, k, v, causal, attention_float64, check_lse, what=" (scores ~ +-300)",
+                   atol=1e-5)
+
+
 @pytest.mark.points(2)
 def test_launcher_rejects_bad_shapes(student):
     """More refusals: a tensor that is not 4-D, k and v of different shapes, a batch or head dim that differs
@@ -152,6 +198,8 @@ def test_launcher_rejects_bad_shapes(student):
         student.run(forward_error, [1, 4, 8, 16], [1, 2, 0, 16])
     with pytest.raises(ValueError, match="divide"):
         student.run(forward_error, [1, 4, 8, 16], [1, 0, 8, 16])
+    with pytest.raises(ValueError, match="not supported"):
+        student.run(forward_error, [1, 4, 8, 16], [1, 2, 8, 16], q_device="meta", k_device="meta")
     if not torch.cuda.is_available():
         with pytest.raises(TypeError, match="CUDA"):
             student.run(forward_error, [1, 4, 8, 16], [1, 2, 8, 16], q_dtype="bfloat16", k_dtype="bfloat16")

@@ -36,6 +36,20 @@ def torch_backward(q, k, v, o, lse, do, *, causal: bool, block_m: int, block_n: 
     return {"dq": dq, "dk": dk, "dv": dv}
 
 
+def torch_sweep(cases: list[dict], *, block_m: int, block_n: int) -> list[dict]:
+    """Forward and backward (given the float64 O and L in each case) of many small causal cases in one call."""
+    from lab07_flash_attention.flash_torch import flash_attention_backward_torch, flash_attention_torch
+
+    results = []
+    for case in cases:
+        q, k, v = case["q"], case["k"], case["v"]
+        o, lse = flash_attention_torch(q, k, v, causal=True, block_m=block_m, block_n=block_n)
+        dq, dk, dv = flash_attention_backward_torch(q, k, v, case["o"], case["lse"], case["do"], causal=True,
+                                                    block_m=block_m, block_n=block_n)
+        results.append({"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv})
+    return results
+
+
 def torch_forward_error(H: int, H_kv: int) -> None:
     from lab07_flash_attention.flash_torch import flash_attention_torch
 
@@ -134,3 +148,26 @@ def test_rejects_heads_that_do_not_divide(student):
     """H_kv must divide H: ValueError naming both."""
     with pytest.raises(ValueError, match="divide"):
         student.run(torch_forward_error, 4, 3)
+
+
+# Causal offsets Nk - Nq covering every residue modulo the 8-row tiles twice, and rows that see no key at all:
+# a tile skipped one step too early or too late only shows when a row's last visible key starts a tile
+SWEEP_OFFSETS = [-11, -6] + list(range(-3, 13))
+
+
+@pytest.mark.points(2)
+def test_causal_offsets_sweep(student, make_qkv, attention_float64, grads_float64, check_lse):
+    """Causal, Nq = 13, Nk = Nq + offset for every offset in [-3, 12] and two negative ones, 8 x 8 tiles: the tile
+    skipping (break/continue above the diagonal) is exact at every alignment, forward and backward."""
+    cases, expected = [], []
+    for offset in SWEEP_OFFSETS:
+        q, k, v, do = make_qkv(1, 2, 1, 13, 13 + offset, 16, seed=100 + offset, dtype=torch.float64)
+        o, lse = attention_float64(q, k, v, causal=True)
+        cases.append(dict(q=q, k=k, v=v, do=do, o=o, lse=lse))
+        expected.append((o, lse, grads_float64(q, k, v, do, causal=True)))
+    got = student.run(torch_sweep, cases, block_m=8, block_n=8)
+    for offset, case, result, (o, lse, grads) in zip(SWEEP_OFFSETS, cases, got, expected):
+        inputs = describe(q=case["q"], k=case["k"], causal=True, block_m=8, block_n=8)
+        check_close(result["o"], o, name=f"flash_attention_torch (O), Nk - Nq = {offset}", inputs=inputs)
+        check_lse(result["lse"], lse, name=f"flash_attention_torch (L), Nk - Nq = {offset}", inputs=inputs)
+        _check_grads(result, grads, what=f"flash_attention_backward_torch, Nk - Nq = {offset}", inputs=inputs)
