@@ -156,6 +156,50 @@ def _check_autograd(got, q, k, v, do, causal, sm_scale, attention_float64, grads
         check_close(got[name], e, name=f"flash_attention ({name} through autograd){what}", inputs=inputs, atol=1e-5)
 
 
+def _sdpa_training(kind: str, settings: dict, *, steps: int, seed: int, tokens: torch.Tensor) -> dict:
+    """What the worker's run must give: the same producer code, run here on HF's own SDPA (no student code)."""
+    return hf_training_losses(kind, settings, steps=steps, seed=seed, tokens=tokens, attn="sdpa")
+
+
+@pytest.mark.points(2)
+@pytest.mark.parametrize("is_causal,module_causal,causal", [(False, True, False), (None, False, False),
+                                                            (None, True, True), (True, False, True)])
+def test_hf_attention_forward_contract(student, is_causal, module_causal, causal, make_qkv, attention_float64):
+    """hf_attention_forward as HF calls it: is_causal overrides module.is_causal; `scaling` is the softmax scale;
+    the output is (B, N, H, D), contiguous, with no attention weights."""
+    q, k, v, _ = make_qkv(2, 4, 2, 19, 19, 16, seed=19)
+    got = student.run(hf_attention_call, q, k, v, scaling=0.25, is_causal=is_causal, module_causal=module_causal)
+    want = attention_float64(q, k, v, causal=causal, sm_scale=0.25)[0].transpose(1, 2)  # (B, N, H, D)
+    check_close(got["out"], want, name="hf_attention_forward (attn_output, (B, N, H, D))",
+                inputs=describe(q=q, k=k, is_causal=is_causal, module_is_causal=module_causal, scaling=0.25))
+    assert got["weights_is_none"], "hf_attention_forward must return (attn_output, None): no attention weights"
+    assert got["contiguous"], "hf_attention_forward must return a contiguous attn_output (HF reshapes it)"
+
+
+@pytest.mark.points(1)
+def test_hf_attention_refuses_dropout(student):
+    """The kernels have no dropout: a nonzero dropout is a ValueError, not silently ignored."""
+    with pytest.raises(ValueError, match="dropout"):
+        student.run(hf_attention_with_dropout, 0.1)
+
+
+@pytest.mark.points(4)
+def test_launcher_rejects_bad_input(student):
+    """Clear errors: head dim not a supported power of two, mismatched dtypes or devices, K/V heads not dividing."""
+    with pytest.raises(ValueError, match="power of two"):
+        student.run(launcher_error, [1, 4, 8, 24], [1, 2, 8, 24])
+    with pytest.raises(ValueError, match="power of two"):
+        student.run(launcher_error, [1, 4, 8, 256], [1, 2, 8, 256])
+    with pytest.raises(TypeError, match="same dtype"):
+        student.run(launcher_error, [1, 4, 8, 16], [1, 2, 8, 16], k_dtype="float64")
+    with pytest.raises(TypeError, match="dtype"):
+        student.run(launcher_error, [1, 4, 8, 16], [1, 2, 8, 16], q_dtype="float64", k_dtype="float64")
+    with pytest.raises(ValueError, match="same device"):
+        student.run(launcher_error, [1, 4, 8, 16], [1, 2, 8, 16], k_device="meta")
+    with pytest.raises(ValueError, match="divide"):
+        student.run(launcher_error, [1, 4, 8, 16], [1, 3, 8, 16])
+
+
 @pytest.mark.points(4)
 @pytest.mark.parametrize("causal", [False, True])
 def test_autograd_function_gradients(student, causal, make_qkv, attention_float64, grads_float64):
@@ -173,6 +217,19 @@ def test_autograd_function_custom_scale(student, causal, make_qkv, attention_flo
     q, k, v, do = make_qkv(1, 2, 1, 29, 60, 32, seed=17)
     got = student.run(autograd_outputs, q, k, v, do, causal=causal, sm_scale=0.3)
     _check_autograd(got, q, k, v, do, causal, 0.3, attention_float64, grads_float64, what=" with sm_scale=0.3")
+
+
+@pytest.mark.points(2)
+def test_register_hf_attention_returns_the_name(student):
+    """register_hf_attention() registers under "lab07_triton" by default (or the name given) with HF's attention and
+    mask interfaces, and returns the name."""
+    got = student.run(registration, ["lab07_other_name"])
+    for index, (name, expected) in enumerate(((None, "lab07_triton"), ("lab07_other_name", "lab07_other_name"))):
+        returned, call = got["returned"][index], f"register_hf_attention({'' if name is None else repr(name)})"
+        assert returned == expected, f"{call} returned {returned!r}, not {expected!r}"
+        assert got["attention"][index] and got["mask"][index], (
+            f"{call}: registered with AttentionInterface: {got['attention'][index]}, "
+            f"with AttentionMaskInterface: {got['mask'][index]} (both are needed)")
 
 
 @pytest.mark.points(1)
@@ -214,11 +271,6 @@ def test_plugs_into_the_kit_model(student):
                     rtol=1e-4, atol=1e-5)
 
 
-def _sdpa_training(kind: str, settings: dict, *, steps: int, seed: int, tokens: torch.Tensor) -> dict:
-    """What the worker's run must give: the same producer code, run here on HF's own SDPA (no student code)."""
-    return hf_training_losses(kind, settings, steps=steps, seed=seed, tokens=tokens, attn="sdpa")
-
-
 @pytest.mark.points(5)
 @pytest.mark.time_limit(120)
 def test_hf_llama_trains_like_sdpa(student):
@@ -246,55 +298,3 @@ def test_hf_model_with_its_own_attention_scale(student):
                 rtol=1e-4, atol=1e-5)
     check_all_close(got["grads"], want["grads"], name="HF Granite gradients with our attention", inputs=inputs,
                     rtol=1e-3, atol=1e-5)
-
-
-@pytest.mark.points(2)
-@pytest.mark.parametrize("is_causal,module_causal,causal", [(False, True, False), (None, False, False),
-                                                            (None, True, True), (True, False, True)])
-def test_hf_attention_forward_contract(student, is_causal, module_causal, causal, make_qkv, attention_float64):
-    """hf_attention_forward as HF calls it: is_causal overrides module.is_causal; `scaling` is the softmax scale;
-    the output is (B, N, H, D), contiguous, with no attention weights."""
-    q, k, v, _ = make_qkv(2, 4, 2, 19, 19, 16, seed=19)
-    got = student.run(hf_attention_call, q, k, v, scaling=0.25, is_causal=is_causal, module_causal=module_causal)
-    want = attention_float64(q, k, v, causal=causal, sm_scale=0.25)[0].transpose(1, 2)  # (B, N, H, D)
-    check_close(got["out"], want, name="hf_attention_forward (attn_output, (B, N, H, D))",
-                inputs=describe(q=q, k=k, is_causal=is_causal, module_is_causal=module_causal, scaling=0.25))
-    assert got["weights_is_none"], "hf_attention_forward must return (attn_output, None): no attention weights"
-    assert got["contiguous"], "hf_attention_forward must return a contiguous attn_output (HF reshapes it)"
-
-
-@pytest.mark.points(1)
-def test_hf_attention_refuses_dropout(student):
-    """The kernels have no dropout: a nonzero dropout is a ValueError, not silently ignored."""
-    with pytest.raises(ValueError, match="dropout"):
-        student.run(hf_attention_with_dropout, 0.1)
-
-
-@pytest.mark.points(2)
-def test_register_hf_attention_returns_the_name(student):
-    """register_hf_attention() registers under "lab07_triton" by default (or the name given) with HF's attention and
-    mask interfaces, and returns the name."""
-    got = student.run(registration, ["lab07_other_name"])
-    for index, (name, expected) in enumerate(((None, "lab07_triton"), ("lab07_other_name", "lab07_other_name"))):
-        returned, call = got["returned"][index], f"register_hf_attention({'' if name is None else repr(name)})"
-        assert returned == expected, f"{call} returned {returned!r}, not {expected!r}"
-        assert got["attention"][index] and got["mask"][index], (
-            f"{call}: registered with AttentionInterface: {got['attention'][index]}, "
-            f"with AttentionMaskInterface: {got['mask'][index]} (both are needed)")
-
-
-@pytest.mark.points(4)
-def test_launcher_rejects_bad_input(student):
-    """Clear errors: head dim not a supported power of two, mismatched dtypes or devices, K/V heads not dividing."""
-    with pytest.raises(ValueError, match="power of two"):
-        student.run(launcher_error, [1, 4, 8, 24], [1, 2, 8, 24])
-    with pytest.raises(ValueError, match="power of two"):
-        student.run(launcher_error, [1, 4, 8, 256], [1, 2, 8, 256])
-    with pytest.raises(TypeError, match="same dtype"):
-        student.run(launcher_error, [1, 4, 8, 16], [1, 2, 8, 16], k_dtype="float64")
-    with pytest.raises(TypeError, match="dtype"):
-        student.run(launcher_error, [1, 4, 8, 16], [1, 2, 8, 16], q_dtype="float64", k_dtype="float64")
-    with pytest.raises(ValueError, match="same device"):
-        student.run(launcher_error, [1, 4, 8, 16], [1, 2, 8, 16], k_device="meta")
-    with pytest.raises(ValueError, match="divide"):
-        student.run(launcher_error, [1, 4, 8, 16], [1, 3, 8, 16])

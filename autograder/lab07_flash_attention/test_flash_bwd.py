@@ -10,6 +10,10 @@ import torch
 
 from common.testing import check_close, describe, random_tensor
 
+# Causal offsets Nk - Nq: every residue modulo the 16-row query steps of the dK/dV kernel and the 16-key steps of
+# the dQ kernel, and rows that see no key at all
+SWEEP_OFFSETS = [-37, -12] + list(range(-3, 14)) + [29]
+
 # -----------------------------------------------------------------------------
 # Producers: run in the worker
 
@@ -100,6 +104,16 @@ def _check_backward(student, q, k, v, do, causal, attention_float64, grads_float
     return got
 
 
+@pytest.mark.points(1)
+@pytest.mark.parametrize("what,error,match", [
+    ("o", ValueError, "o "), ("do", ValueError, "do "), ("lse_shape", ValueError, "lse"),
+    ("lse_dtype", ValueError, "lse"), ("q", ValueError, "power of two")])
+def test_backward_rejects_mismatched_inputs(student, what, error, match):
+    """O, dO that do not match q, L of the wrong shape or dtype, and q that the kernels cannot take: clear errors."""
+    with pytest.raises(error, match=match):
+        student.run(backward_error, what)
+
+
 @pytest.mark.points(6)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("N", [16, 77, 130])
@@ -107,6 +121,35 @@ def test_backward_matches_float64(student, N, causal, make_qkv, attention_float6
     """Self-attention gradients: one tile, ragged tiles, diagonal and full tiles."""
     q, k, v, do = make_qkv(1, 2, 2, N, N, 16, seed=N)
     _check_backward(student, q, k, v, do, causal, attention_float64, grads_float64)
+
+
+@pytest.mark.points(3)
+def test_backward_causal_offsets_sweep(student, make_qkv, attention_float64, grads_float64):
+    """Causal with Nk = Nq + offset for every offset above, Nq = 21 (ragged), 32 (whole tiles) or 50 (negative offsets); dK/dV programs own
+    32 keys and step over 16 queries, dQ programs own 32 queries and step over 16 keys: the skipped, diagonal and
+    full query ranges are exact at every alignment."""
+    cases = []
+    for offset in SWEEP_OFFSETS:
+        Nq = 50 if offset < -3 else 32 if offset % 2 else 21  # 50: a whole 32-row query tile sees no key at -37
+        q, k, v, do = make_qkv(1, 1, 1, Nq, Nq + offset, 16, seed=300 + offset)
+        o, lse = attention_float64(q, k, v, causal=True)
+        cases.append(dict(q=q, k=k, v=v, o=o.float(), lse=lse.float(), do=do))
+    config = dict(dkdv=dict(block_m=16, block_n=32), dq=dict(block_m=32, block_n=16))
+    got = student.run(triton_backward_sweep, cases, config=config)
+    for case, result in zip(cases, got):
+        q, k, v, do = case["q"], case["k"], case["v"], case["do"]
+        inputs = describe(q=q, k=k, causal=True, config=config)
+        for name, e in zip(("dq", "dk", "dv"), grads_float64(q, k, v, do, causal=True)):
+            check_close(result[name], e, name=f"flash_attn_bwd ({name}) with Nq={q.shape[2]}, Nk={k.shape[2]}",
+                        inputs=inputs, atol=1e-5)
+
+
+@pytest.mark.points(2)
+def test_backward_atomic_dq_variant(student, make_qkv, attention_float64, grads_float64):
+    """BackwardConfig(deterministic=False): dQ accumulated by atomics inside the dK/dV kernel, same gradients."""
+    q, k, v, do = make_qkv(1, 4, 2, 57, 57, 16, seed=31)
+    config = dict(dkdv=dict(block_m=16, block_n=32), deterministic=False)
+    _check_backward(student, q, k, v, do, True, attention_float64, grads_float64, config=config, what=" (atomic dQ)")
 
 
 @pytest.mark.points(4)
@@ -142,14 +185,6 @@ def test_backward_is_deterministic(student, make_qkv, attention_float64):
         assert torch.equal(before, after), f"flash_attn_bwd modified its input {name}"
 
 
-@pytest.mark.points(2)
-def test_backward_atomic_dq_variant(student, make_qkv, attention_float64, grads_float64):
-    """BackwardConfig(deterministic=False): dQ accumulated by atomics inside the dK/dV kernel, same gradients."""
-    q, k, v, do = make_qkv(1, 4, 2, 57, 57, 16, seed=31)
-    config = dict(dkdv=dict(block_m=16, block_n=32), deterministic=False)
-    _check_backward(student, q, k, v, do, True, attention_float64, grads_float64, config=config, what=" (atomic dQ)")
-
-
 @pytest.mark.points(3)
 @pytest.mark.parametrize("causal", [False, True])
 def test_backward_custom_scale(student, causal, make_qkv, attention_float64, grads_float64):
@@ -179,39 +214,3 @@ def test_backward_non_contiguous_do_and_other_tiles(student, make_qkv, attention
     config = dict(dkdv=dict(block_m=16, block_n=64), dq=dict(block_m=64, block_n=32))
     _check_backward(student, q, k, v, do, False, attention_float64, grads_float64, config=config, do_heads_last=True,
                     what=" (transposed dO)")
-
-
-# Causal offsets Nk - Nq: every residue modulo the 16-row query steps of the dK/dV kernel and the 16-key steps of
-# the dQ kernel, and rows that see no key at all
-SWEEP_OFFSETS = [-37, -12] + list(range(-3, 14)) + [29]
-
-
-@pytest.mark.points(3)
-def test_backward_causal_offsets_sweep(student, make_qkv, attention_float64, grads_float64):
-    """Causal with Nk = Nq + offset for every offset above, Nq = 21 (ragged), 32 (whole tiles) or 50 (negative offsets); dK/dV programs own
-    32 keys and step over 16 queries, dQ programs own 32 queries and step over 16 keys: the skipped, diagonal and
-    full query ranges are exact at every alignment."""
-    cases = []
-    for offset in SWEEP_OFFSETS:
-        Nq = 50 if offset < -3 else 32 if offset % 2 else 21  # 50: a whole 32-row query tile sees no key at -37
-        q, k, v, do = make_qkv(1, 1, 1, Nq, Nq + offset, 16, seed=300 + offset)
-        o, lse = attention_float64(q, k, v, causal=True)
-        cases.append(dict(q=q, k=k, v=v, o=o.float(), lse=lse.float(), do=do))
-    config = dict(dkdv=dict(block_m=16, block_n=32), dq=dict(block_m=32, block_n=16))
-    got = student.run(triton_backward_sweep, cases, config=config)
-    for case, result in zip(cases, got):
-        q, k, v, do = case["q"], case["k"], case["v"], case["do"]
-        inputs = describe(q=q, k=k, causal=True, config=config)
-        for name, e in zip(("dq", "dk", "dv"), grads_float64(q, k, v, do, causal=True)):
-            check_close(result[name], e, name=f"flash_attn_bwd ({name}) with Nq={q.shape[2]}, Nk={k.shape[2]}",
-                        inputs=inputs, atol=1e-5)
-
-
-@pytest.mark.points(1)
-@pytest.mark.parametrize("what,error,match", [
-    ("o", ValueError, "o "), ("do", ValueError, "do "), ("lse_shape", ValueError, "lse"),
-    ("lse_dtype", ValueError, "lse"), ("q", ValueError, "power of two")])
-def test_backward_rejects_mismatched_inputs(student, what, error, match):
-    """O, dO that do not match q, L of the wrong shape or dtype, and q that the kernels cannot take: clear errors."""
-    with pytest.raises(error, match=match):
-        student.run(backward_error, what)

@@ -10,6 +10,10 @@ import torch
 
 from common.testing import check_close, describe, random_tensor
 
+# Causal offsets Nk - Nq: every residue modulo the 16-key tiles, and rows that see no key at all (whole query tiles
+# among them). Where the unmasked key range ends, and where the masked one does, only show at some alignments.
+SWEEP_OFFSETS = [-37, -20, -12] + list(range(-3, 14)) + [20, 29]
+
 # -----------------------------------------------------------------------------
 # Producers: run in the worker
 
@@ -74,6 +78,42 @@ def _check_forward(student, q, k, v, causal, attention_float64, check_lse, *, co
     return got
 
 
+@pytest.mark.points(2)
+def test_launcher_rejects_bad_shapes(student):
+    """Refusals, each with the rule in its message: a tensor that is not 4-D, k and v of different shapes, a batch
+    or head dim that differs between q and k, an empty sequence, a head dim the kernels do not take, mismatched or
+    unsupported dtypes and devices, and (on CPU) half precision, which needs a GPU."""
+    with pytest.raises(ValueError, match="power of two"):
+        student.run(forward_error, [1, 2, 8, 48], [1, 2, 8, 48])
+    with pytest.raises(TypeError, match="same dtype"):
+        student.run(forward_error, [1, 2, 8, 16], [1, 2, 8, 16], q_dtype="float64")
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        student.run(forward_error, [1, 2, 8, 16], [1, 2, 8, 16], q_dtype="int32", k_dtype="int32")
+    with pytest.raises(ValueError, match="same device"):
+        student.run(forward_error, [1, 2, 8, 16], [1, 2, 8, 16], q_device="meta")
+    with pytest.raises(ValueError, match="4-D"):
+        student.run(forward_error, [4, 8, 16], [1, 2, 8, 16])
+    with pytest.raises(ValueError, match="4-D"):
+        student.run(forward_error, [1, 4, 8, 16], [2, 8, 16])
+    with pytest.raises(ValueError, match="same shape"):
+        student.run(forward_error, [1, 4, 8, 16], [1, 2, 8, 16], v_shape=[1, 2, 9, 16])
+    with pytest.raises(ValueError, match="match"):
+        student.run(forward_error, [1, 4, 8, 16], [2, 2, 8, 16])
+    with pytest.raises(ValueError, match="match"):
+        student.run(forward_error, [1, 4, 8, 16], [1, 2, 8, 32])
+    with pytest.raises(ValueError, match="empty"):
+        student.run(forward_error, [1, 4, 0, 16], [1, 2, 8, 16])
+    with pytest.raises(ValueError, match="empty"):
+        student.run(forward_error, [1, 4, 8, 16], [1, 2, 0, 16])
+    with pytest.raises(ValueError, match="divide"):
+        student.run(forward_error, [1, 4, 8, 16], [1, 0, 8, 16])
+    with pytest.raises(ValueError, match="not supported"):
+        student.run(forward_error, [1, 4, 8, 16], [1, 2, 8, 16], q_device="meta", k_device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(TypeError, match="CUDA"):
+            student.run(forward_error, [1, 4, 8, 16], [1, 2, 8, 16], q_dtype="bfloat16", k_dtype="bfloat16")
+
+
 @pytest.mark.points(6)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("N", [16, 77, 160])
@@ -81,6 +121,25 @@ def test_forward_matches_float64(student, N, causal, make_qkv, attention_float64
     """Self-attention, Nq = Nk = N: one tile, a ragged last tile, and several full tiles before the diagonal."""
     q, k, v, _ = make_qkv(2, 2, 2, N, N, 16, seed=N)
     _check_forward(student, q, k, v, causal, attention_float64, check_lse)
+
+
+@pytest.mark.points(3)
+def test_forward_causal_offsets_sweep(student, make_qkv, attention_float64, check_lse):
+    """Causal with Nk = Nq + offset for every offset above, Nq = 21 (ragged), 32 (whole tiles) or 50 (negative offsets), 32 x 16 tiles:
+    the split into full, diagonal and skipped key tiles is exact at every alignment."""
+    cases = []
+    for offset in SWEEP_OFFSETS:
+        Nq = 50 if offset < -3 else 32 if offset % 2 else 21  # 50: a whole 32-row query tile sees no key at -37
+        q, k, v, _ = make_qkv(1, 1, 1, Nq, Nq + offset, 16, seed=200 + offset)
+        cases.append(dict(q=q, k=k, v=v))
+    config = dict(block_m=32, block_n=16, num_warps=4, num_stages=1)
+    got = student.run(triton_forward_sweep, cases, config=config)
+    for case, result in zip(cases, got):
+        q, k, v = case["q"], case["k"], case["v"]
+        o_ref, lse_ref = attention_float64(q, k, v, causal=True)
+        what = f" with Nq={q.shape[2]}, Nk={k.shape[2]}, 32 x 16 tiles"
+        check_close(result["o"], o_ref, name=f"flash_attn_fwd (O){what}", inputs=describe(q=q, k=k, causal=True))
+        check_lse(result["lse"], lse_ref, name=f"flash_attn_fwd (L){what}", inputs=describe(q=q, k=k, causal=True))
 
 
 @pytest.mark.points(4)
@@ -144,30 +203,6 @@ def test_forward_long_diagonal_band(student, make_qkv, attention_float64, check_
     _check_forward(student, q, k, v, True, attention_float64, check_lse, config=config, what=" (64 x 16 tiles)")
 
 
-# Causal offsets Nk - Nq: every residue modulo the 16-key tiles, and rows that see no key at all (whole query tiles
-# among them). Where the unmasked key range ends, and where the masked one does, only show at some alignments.
-SWEEP_OFFSETS = [-37, -20, -12] + list(range(-3, 14)) + [20, 29]
-
-
-@pytest.mark.points(3)
-def test_forward_causal_offsets_sweep(student, make_qkv, attention_float64, check_lse):
-    """Causal with Nk = Nq + offset for every offset above, Nq = 21 (ragged), 32 (whole tiles) or 50 (negative offsets), 32 x 16 tiles:
-    the split into full, diagonal and skipped key tiles is exact at every alignment."""
-    cases = []
-    for offset in SWEEP_OFFSETS:
-        Nq = 50 if offset < -3 else 32 if offset % 2 else 21  # 50: a whole 32-row query tile sees no key at -37
-        q, k, v, _ = make_qkv(1, 1, 1, Nq, Nq + offset, 16, seed=200 + offset)
-        cases.append(dict(q=q, k=k, v=v))
-    config = dict(block_m=32, block_n=16, num_warps=4, num_stages=1)
-    got = student.run(triton_forward_sweep, cases, config=config)
-    for case, result in zip(cases, got):
-        q, k, v = case["q"], case["k"], case["v"]
-        o_ref, lse_ref = attention_float64(q, k, v, causal=True)
-        what = f" with Nq={q.shape[2]}, Nk={k.shape[2]}, 32 x 16 tiles"
-        check_close(result["o"], o_ref, name=f"flash_attn_fwd (O){what}", inputs=describe(q=q, k=k, causal=True))
-        check_lse(result["lse"], lse_ref, name=f"flash_attn_fwd (L){what}", inputs=describe(q=q, k=k, causal=True))
-
-
 @pytest.mark.points(1)
 @pytest.mark.parametrize("causal", [False, True])
 def test_forward_large_logits(student, causal, make_qkv, attention_float64, check_lse):
@@ -176,30 +211,3 @@ def test_forward_large_logits(student, causal, make_qkv, attention_float64, chec
     q, k, v, _ = make_qkv(1, 2, 1, 45, 45, 16, seed=73)
     _check_forward(student, q * 30.0, k, v, causal, attention_float64, check_lse, what=" (scores ~ +-300)",
                    atol=1e-5)
-
-
-@pytest.mark.points(2)
-def test_launcher_rejects_bad_shapes(student):
-    """More refusals: a tensor that is not 4-D, k and v of different shapes, a batch or head dim that differs
-    between q and k, an empty sequence, and (on CPU) half precision, which needs a GPU."""
-    with pytest.raises(ValueError, match="4-D"):
-        student.run(forward_error, [4, 8, 16], [1, 2, 8, 16])
-    with pytest.raises(ValueError, match="4-D"):
-        student.run(forward_error, [1, 4, 8, 16], [2, 8, 16])
-    with pytest.raises(ValueError, match="same shape"):
-        student.run(forward_error, [1, 4, 8, 16], [1, 2, 8, 16], v_shape=[1, 2, 9, 16])
-    with pytest.raises(ValueError, match="match"):
-        student.run(forward_error, [1, 4, 8, 16], [2, 2, 8, 16])
-    with pytest.raises(ValueError, match="match"):
-        student.run(forward_error, [1, 4, 8, 16], [1, 2, 8, 32])
-    with pytest.raises(ValueError, match="empty"):
-        student.run(forward_error, [1, 4, 0, 16], [1, 2, 8, 16])
-    with pytest.raises(ValueError, match="empty"):
-        student.run(forward_error, [1, 4, 8, 16], [1, 2, 0, 16])
-    with pytest.raises(ValueError, match="divide"):
-        student.run(forward_error, [1, 4, 8, 16], [1, 0, 8, 16])
-    with pytest.raises(ValueError, match="not supported"):
-        student.run(forward_error, [1, 4, 8, 16], [1, 2, 8, 16], q_device="meta", k_device="meta")
-    if not torch.cuda.is_available():
-        with pytest.raises(TypeError, match="CUDA"):
-            student.run(forward_error, [1, 4, 8, 16], [1, 2, 8, 16], q_dtype="bfloat16", k_dtype="bfloat16")

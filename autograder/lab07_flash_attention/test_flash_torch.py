@@ -16,6 +16,10 @@ CASES = [
     (1, 2, 1, 19, 50, 32, True, 8, 16),  # Nq < Nk: the mask is aligned bottom-right
 ]
 
+# Causal offsets Nk - Nq covering every residue modulo the 8-row tiles twice, and rows that see no key at all:
+# a tile skipped one step too early or too late only shows when a row's last visible key starts a tile
+SWEEP_OFFSETS = [-11, -6] + list(range(-3, 13))
+
 # -----------------------------------------------------------------------------
 # Producers: run in the worker
 
@@ -67,6 +71,13 @@ def _check_grads(got: dict, expected, *, what: str, inputs: str, **tolerance) ->
         check_close(got[name], e, name=f"{what} ({name})", inputs=inputs, **tolerance)
 
 
+@pytest.mark.points(1)
+def test_rejects_heads_that_do_not_divide(student):
+    """H_kv must divide H: ValueError naming both."""
+    with pytest.raises(ValueError, match="divide"):
+        student.run(torch_forward_error, 4, 3)
+
+
 @pytest.mark.points(6)
 @pytest.mark.parametrize("B,H,H_kv,Nq,Nk,D,causal,block_m,block_n", CASES)
 def test_forward_o_and_lse(student, B, H, H_kv, Nq, Nk, D, causal, block_m, block_n, make_qkv, attention_float64,
@@ -78,6 +89,24 @@ def test_forward_o_and_lse(student, B, H, H_kv, Nq, Nk, D, causal, block_m, bloc
     inputs = describe(q=q, k=k, v=v, causal=causal, block_m=block_m, block_n=block_n)
     check_close(got["o"], o_ref, name="flash_attention_torch (O)", inputs=inputs)
     check_lse(got["lse"], lse_ref, name="flash_attention_torch (L = logsumexp)", inputs=inputs)
+
+
+@pytest.mark.points(2)
+def test_causal_offsets_sweep(student, make_qkv, attention_float64, grads_float64, check_lse):
+    """Causal, Nq = 13, Nk = Nq + offset for every offset in [-3, 12] and two negative ones, 8 x 8 tiles: the tile
+    skipping (break/continue above the diagonal) is exact at every alignment, forward and backward."""
+    cases, expected = [], []
+    for offset in SWEEP_OFFSETS:
+        q, k, v, do = make_qkv(1, 2, 1, 13, 13 + offset, 16, seed=100 + offset, dtype=torch.float64)
+        o, lse = attention_float64(q, k, v, causal=True)
+        cases.append(dict(q=q, k=k, v=v, do=do, o=o, lse=lse))
+        expected.append((o, lse, grads_float64(q, k, v, do, causal=True)))
+    got = student.run(torch_sweep, cases, block_m=8, block_n=8)
+    for offset, case, result, (o, lse, grads) in zip(SWEEP_OFFSETS, cases, got, expected):
+        inputs = describe(q=case["q"], k=case["k"], causal=True, block_m=8, block_n=8)
+        check_close(result["o"], o, name=f"flash_attention_torch (O), Nk - Nq = {offset}", inputs=inputs)
+        check_lse(result["lse"], lse, name=f"flash_attention_torch (L), Nk - Nq = {offset}", inputs=inputs)
+        _check_grads(result, grads, what=f"flash_attention_backward_torch, Nk - Nq = {offset}", inputs=inputs)
 
 
 @pytest.mark.points(6)
@@ -141,33 +170,3 @@ def test_float32_inputs_accumulate_in_float32(student, make_qkv, attention_float
         "flash_attention_backward_torch on float32 inputs must return float32 gradients")
     _check_grads(got, grads_float64(q, k, v, do, causal=True), what="flash_attention_backward_torch (float32)",
                  inputs=inputs, atol=1e-5)
-
-
-@pytest.mark.points(1)
-def test_rejects_heads_that_do_not_divide(student):
-    """H_kv must divide H: ValueError naming both."""
-    with pytest.raises(ValueError, match="divide"):
-        student.run(torch_forward_error, 4, 3)
-
-
-# Causal offsets Nk - Nq covering every residue modulo the 8-row tiles twice, and rows that see no key at all:
-# a tile skipped one step too early or too late only shows when a row's last visible key starts a tile
-SWEEP_OFFSETS = [-11, -6] + list(range(-3, 13))
-
-
-@pytest.mark.points(2)
-def test_causal_offsets_sweep(student, make_qkv, attention_float64, grads_float64, check_lse):
-    """Causal, Nq = 13, Nk = Nq + offset for every offset in [-3, 12] and two negative ones, 8 x 8 tiles: the tile
-    skipping (break/continue above the diagonal) is exact at every alignment, forward and backward."""
-    cases, expected = [], []
-    for offset in SWEEP_OFFSETS:
-        q, k, v, do = make_qkv(1, 2, 1, 13, 13 + offset, 16, seed=100 + offset, dtype=torch.float64)
-        o, lse = attention_float64(q, k, v, causal=True)
-        cases.append(dict(q=q, k=k, v=v, do=do, o=o, lse=lse))
-        expected.append((o, lse, grads_float64(q, k, v, do, causal=True)))
-    got = student.run(torch_sweep, cases, block_m=8, block_n=8)
-    for offset, case, result, (o, lse, grads) in zip(SWEEP_OFFSETS, cases, got, expected):
-        inputs = describe(q=case["q"], k=case["k"], causal=True, block_m=8, block_n=8)
-        check_close(result["o"], o, name=f"flash_attention_torch (O), Nk - Nq = {offset}", inputs=inputs)
-        check_lse(result["lse"], lse, name=f"flash_attention_torch (L), Nk - Nq = {offset}", inputs=inputs)
-        _check_grads(result, grads, what=f"flash_attention_backward_torch, Nk - Nq = {offset}", inputs=inputs)

@@ -56,6 +56,28 @@ def matmul_error(a_shape: list[int], b_shape: list[int], b_dtype: str = "float32
 # Tests: run in the grader
 
 
+@pytest.mark.points(1)
+def test_softmax_rejects_bad_input(student):
+    """A tensor that is not 2-D, and a row too long for one program (N > 65536), raise ValueError."""
+    with pytest.raises(ValueError, match="2-D"):
+        student.run(softmax_error, [2, 3, 4])
+    with pytest.raises(ValueError, match="65536"):
+        student.run(softmax_error, [1, 65537])
+
+
+@pytest.mark.points(1)
+def test_matmul_rejects_bad_shapes(student):
+    """Shapes that do not chain, tensors that are not 2-D (ValueError), and mismatched dtypes (TypeError)."""
+    with pytest.raises(ValueError, match="inner dimensions"):
+        student.run(matmul_error, [3, 4], [5, 6])
+    with pytest.raises(ValueError, match="2-D"):
+        student.run(matmul_error, [3, 4], [4])
+    with pytest.raises(ValueError, match="2-D"):
+        student.run(matmul_error, [2, 3, 4], [4, 5])
+    with pytest.raises(TypeError, match="dtype"):
+        student.run(matmul_error, [3, 4], [4, 5], "float64")
+
+
 @pytest.mark.points(4)
 @pytest.mark.parametrize("shape", [(7, 33), (1, 5), (13, 130)])
 def test_softmax_matches_float64(student, shape):
@@ -87,15 +109,6 @@ def test_softmax_rows_of_constants_and_a_single_column(student):
     got = student.run(softmax_rows, column)
     check_close(got["y"], torch.ones(6, 1, dtype=torch.float64), name="softmax (one column)",
                 inputs=describe(x=column))
-
-
-@pytest.mark.points(1)
-def test_softmax_rejects_bad_input(student):
-    """A tensor that is not 2-D, and a row too long for one program (N > 65536), raise ValueError."""
-    with pytest.raises(ValueError, match="2-D"):
-        student.run(softmax_error, [2, 3, 4])
-    with pytest.raises(ValueError, match="65536"):
-        student.run(softmax_error, [1, 65537])
 
 
 @pytest.mark.points(1)
@@ -136,16 +149,3 @@ def test_matmul_tall_and_wide_tiles(student):
     got = student.run(matmul_of, a, b, config=dict(block_m=32, block_n=16, block_k=64))
     check_close(got["c"], a.double() @ b.double(), name="matmul (32x16x64 tiles)", inputs=describe(a=a, b=b),
                 atol=1e-4)
-
-
-@pytest.mark.points(1)
-def test_matmul_rejects_bad_shapes(student):
-    """Shapes that do not chain, tensors that are not 2-D (ValueError), and mismatched dtypes (TypeError)."""
-    with pytest.raises(ValueError, match="inner dimensions"):
-        student.run(matmul_error, [3, 4], [5, 6])
-    with pytest.raises(ValueError, match="2-D"):
-        student.run(matmul_error, [3, 4], [4])
-    with pytest.raises(ValueError, match="2-D"):
-        student.run(matmul_error, [2, 3, 4], [4, 5])
-    with pytest.raises(TypeError, match="dtype"):
-        student.run(matmul_error, [3, 4], [4, 5], "float64")
