@@ -34,14 +34,17 @@ def _backward_config(config: dict | None):
 
 
 def triton_backward(q, k, v, o, lse, do, *, causal: bool, sm_scale: float | None = None, config: dict | None = None,
-                    do_heads_last: bool = False, repeat: int = 1) -> dict:
+                    do_heads_last: bool = False, lse_heads_last: bool = False, repeat: int = 1) -> dict:
     """flash_attn_bwd on the worker's device, `repeat` times on the same inputs (every run's gradients returned).
-    do_heads_last: dO arrives as (B, N, H, D) and is transposed to a (B, H, N, D) view there."""
+    do_heads_last: dO arrives as (B, N, H, D) and is transposed to a (B, H, N, D) view there; lse_heads_last: L
+    arrives as (B, N, H) and becomes a (B, H, N) view."""
     from lab07_flash_attention.flash_bwd import flash_attn_bwd
 
     q, k, v, o, lse, do = (t.to(_device()) for t in (q, k, v, o, lse, do))
     if do_heads_last:
         do = do.transpose(1, 2)
+    if lse_heads_last:
+        lse = lse.transpose(1, 2)
     runs = []
     for _ in range(repeat):
         dq, dk, dv = flash_attn_bwd(q, k, v, o, lse, do, causal=causal, sm_scale=sm_scale,
@@ -92,7 +95,8 @@ def backward_error(what: str) -> None:
 def _check_backward(student, q, k, v, do, causal, attention_float64, grads_float64, *, config=None, sm_scale=None,
                     what="", **options):
     o64, lse64 = attention_float64(q, k, v, causal=causal, sm_scale=sm_scale)
-    got = student.run(triton_backward, q, k, v, o64.to(q.dtype), lse64.float(), do, causal=causal, sm_scale=sm_scale,
+    lse = lse64.float().transpose(1, 2).contiguous() if options.get("lse_heads_last") else lse64.float()
+    got = student.run(triton_backward, q, k, v, o64.to(q.dtype), lse, do, causal=causal, sm_scale=sm_scale,
                       config=config, **options)
     if options.get("do_heads_last"):
         do = do.transpose(1, 2)
@@ -125,9 +129,9 @@ def test_backward_matches_float64(student, N, causal, make_qkv, attention_float6
 
 @pytest.mark.points(3)
 def test_backward_causal_offsets_sweep(student, make_qkv, attention_float64, grads_float64):
-    """Causal with Nk = Nq + offset for every offset above, Nq = 21 (ragged), 32 (whole tiles) or 50 (negative offsets); dK/dV programs own
-    32 keys and step over 16 queries, dQ programs own 32 queries and step over 16 keys: the skipped, diagonal and
-    full query ranges are exact at every alignment."""
+    """Causal with Nk = Nq + offset for every offset above, Nq = 21 (ragged), 32 (whole tiles) or 50 (negative
+    offsets); dK/dV programs own 32 keys and step over 16 queries, dQ programs own 32 queries and step over 16 keys:
+    the skipped, diagonal and full query ranges are exact at every alignment."""
     cases = []
     for offset in SWEEP_OFFSETS:
         Nq = 50 if offset < -3 else 32 if offset % 2 else 21  # 50: a whole 32-row query tile sees no key at -37
@@ -197,9 +201,9 @@ def test_backward_custom_scale(student, causal, make_qkv, attention_float64, gra
 
 @pytest.mark.points(2)
 def test_backward_atomic_dq_custom_scale_not_causal(student, make_qkv, attention_float64, grads_float64):
-    """The atomic-dQ variant with sm_scale = 1.5, not causal, MQA 3/1, ragged Nq = 37 and Nk = 50: the atomic dQ is
-    scaled like the dQ kernel's."""
-    q, k, v, do = make_qkv(1, 3, 1, 37, 50, 16, seed=42)
+    """The atomic-dQ variant with sm_scale = 1.5, not causal, MQA 3/1, batch 2, ragged Nq = 37 and Nk = 50: the atomic
+    dQ is scaled like the dQ kernel's, and keys past Nk (the next batch's, in memory) add nothing to it."""
+    q, k, v, do = make_qkv(2, 3, 1, 37, 50, 16, seed=42)
     config = dict(dkdv=dict(block_m=32, block_n=16), deterministic=False)
     _check_backward(student, q, k, v, do, False, attention_float64, grads_float64, config=config, sm_scale=1.5,
                     what=" (atomic dQ, sm_scale=1.5)")
@@ -207,10 +211,10 @@ def test_backward_atomic_dq_custom_scale_not_causal(student, make_qkv, attention
 
 @pytest.mark.points(2)
 def test_backward_non_contiguous_do_and_other_tiles(student, make_qkv, attention_float64, grads_float64):
-    """dO a transposed (B, N, H, D) view, as it comes back through a layer; dK/dV tiles of 16 x 64 and dQ tiles of
-    64 x 32, non-causal, Nq = 70, Nk = 90."""
+    """dO a transposed (B, N, H, D) view, as it comes back through a layer, and L a transposed (B, N, H) view too;
+    dK/dV tiles of 16 x 64 and dQ tiles of 64 x 32, non-causal, Nq = 70, Nk = 90."""
     q, k, v, _ = make_qkv(1, 2, 1, 70, 90, 16, seed=43)
     do = random_tensor(1, 70, 2, 16, seed=44)  # (B, N, H, D), transposed in the worker
     config = dict(dkdv=dict(block_m=16, block_n=64), dq=dict(block_m=64, block_n=32))
     _check_backward(student, q, k, v, do, False, attention_float64, grads_float64, config=config, do_heads_last=True,
-                    what=" (transposed dO)")
+                    lse_heads_last=True, what=" (transposed dO and L)")

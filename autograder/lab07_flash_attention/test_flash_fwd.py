@@ -125,8 +125,8 @@ def test_forward_matches_float64(student, N, causal, make_qkv, attention_float64
 
 @pytest.mark.points(3)
 def test_forward_causal_offsets_sweep(student, make_qkv, attention_float64, check_lse):
-    """Causal with Nk = Nq + offset for every offset above, Nq = 21 (ragged), 32 (whole tiles) or 50 (negative offsets), 32 x 16 tiles:
-    the split into full, diagonal and skipped key tiles is exact at every alignment."""
+    """Causal with Nk = Nq + offset for every offset above, Nq = 21 (ragged), 32 (whole tiles) or 50 (negative
+    offsets), 32 x 16 tiles: the split into full, diagonal and skipped key tiles is exact at every alignment."""
     cases = []
     for offset in SWEEP_OFFSETS:
         Nq = 50 if offset < -3 else 32 if offset % 2 else 21  # 50: a whole 32-row query tile sees no key at -37
