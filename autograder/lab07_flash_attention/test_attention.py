@@ -123,14 +123,14 @@ def hf_attention_with_dropout(dropout: float) -> None:
 def registration(names: list[str]) -> dict:
     """register_hf_attention() and register_hf_attention(name) for each of `names`: the name each returned, and
     whether HF's two registries (attention functions, mask builders) now hold it."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    import transformers
+    import transformers.masking_utils as masking
 
     from lab07_flash_attention.attention import register_hf_attention
 
     returned = [register_hf_attention()] + [register_hf_attention(name) for name in names]
-    return {"returned": returned, "attention": [r in AttentionInterface._global_mapping for r in returned],
-            "mask": [r in AttentionMaskInterface._global_mapping for r in returned]}
+    functions, masks = transformers.AttentionInterface._global_mapping, masking.AttentionMaskInterface._global_mapping
+    return {"returned": returned, "attention": [r in functions for r in returned], "mask": [r in masks for r in returned]}
 
 
 def launcher_error(q_shape: list, k_shape: list, *, q_dtype: str = "float32", k_dtype: str = "float32",

@@ -10,9 +10,10 @@ import torch
 
 from common.testing import check_close, describe, random_tensor
 
-# Causal offsets Nk - Nq: every residue modulo the 16-key tiles, and rows that see no key at all (whole query tiles
-# among them). Where the unmasked key range ends, and where the masked one does, only show at some alignments.
-SWEEP_OFFSETS = [-37, -20, -12] + list(range(-3, 14)) + [20, 29]
+# Causal offsets Nk - Nq: every residue modulo the 16-row (and 16-key) steps, twice, once with a ragged Nq (45) and
+# once with whole 32-row query tiles (64), and with the first key tile full; then rows that see no key at all (a whole
+# query tile at -37 and -40). Where the unmasked range ends, and where the masked one does, only show at some of them.
+SWEEP_OFFSETS = list(range(-16, 17)) + [-37, -40]
 
 # -----------------------------------------------------------------------------
 # Producers: run in the worker
@@ -124,12 +125,13 @@ def test_forward_matches_float64(student, N, causal, make_qkv, attention_float64
 
 
 @pytest.mark.points(3)
+@pytest.mark.time_limit(120)
 def test_forward_causal_offsets_sweep(student, make_qkv, attention_float64, check_lse):
-    """Causal with Nk = Nq + offset for every offset above, Nq = 21 (ragged), 32 (whole tiles) or 50 (negative
-    offsets), 32 x 16 tiles: the split into full, diagonal and skipped key tiles is exact at every alignment."""
+    """Causal with Nk = Nq + offset for every offset above, Nq = 45 (ragged) or 64 (whole
+    tiles), 32 x 16 tiles: the split into full, diagonal and skipped key tiles is exact at every alignment."""
     cases = []
     for offset in SWEEP_OFFSETS:
-        Nq = 50 if offset < -3 else 32 if offset % 2 else 21  # 50: a whole 32-row query tile sees no key at -37
+        Nq = 64 if offset % 2 else 45
         q, k, v, _ = make_qkv(1, 1, 1, Nq, Nq + offset, 16, seed=200 + offset)
         cases.append(dict(q=q, k=k, v=v))
     config = dict(block_m=32, block_n=16, num_warps=4, num_stages=1)

@@ -16,9 +16,10 @@ CASES = [
     (1, 2, 1, 19, 50, 32, True, 8, 16),  # Nq < Nk: the mask is aligned bottom-right
 ]
 
-# Causal offsets Nk - Nq covering every residue modulo the 8-row tiles twice, and rows that see no key at all:
-# a tile skipped one step too early or too late only shows when a row's last visible key starts a tile
-SWEEP_OFFSETS = [-11, -6] + list(range(-3, 13))
+# Causal offsets Nk - Nq covering every residue modulo the 8-row tiles twice (Nq ragged, 13, and whole tiles, 16),
+# and rows that see no key at all: a tile skipped one step too early or too late only shows when a row's last visible
+# key starts a tile
+SWEEP_OFFSETS = list(range(-8, 9)) + [-11, -12]
 
 # -----------------------------------------------------------------------------
 # Producers: run in the worker
@@ -93,11 +94,12 @@ def test_forward_o_and_lse(student, B, H, H_kv, Nq, Nk, D, causal, block_m, bloc
 
 @pytest.mark.points(2)
 def test_causal_offsets_sweep(student, make_qkv, attention_float64, grads_float64, check_lse):
-    """Causal, Nq = 13, Nk = Nq + offset for every offset in [-3, 12] and two negative ones, 8 x 8 tiles: the tile
+    """Causal, Nq = 13 or 16, Nk = Nq + offset for every offset in [-8, 8] and two more, 8 x 8 tiles: the tile
     skipping (break/continue above the diagonal) is exact at every alignment, forward and backward."""
     cases, expected = [], []
     for offset in SWEEP_OFFSETS:
-        q, k, v, do = make_qkv(1, 2, 1, 13, 13 + offset, 16, seed=100 + offset, dtype=torch.float64)
+        Nq = 16 if offset % 2 else 13
+        q, k, v, do = make_qkv(1, 2, 1, Nq, Nq + offset, 16, seed=100 + offset, dtype=torch.float64)
         o, lse = attention_float64(q, k, v, causal=True)
         cases.append(dict(q=q, k=k, v=v, do=do, o=o, lse=lse))
         expected.append((o, lse, grads_float64(q, k, v, do, causal=True)))
