@@ -1,10 +1,12 @@
-"""Fixtures shared by lab 07's tests. Nothing here imports the code under test: that happens inside each test, in the
-forked process the plugin runs it in, so a broken submission cannot break collection.
+"""What lab 07's tests expect, computed in the grader: textbook attention in float64, and its gradients by autograd.
 
-The reference every kernel is checked against is `attention_float64` below: textbook attention in float64, with the
-same conventions as the lab (GQA by head groups, causal mask aligned bottom-right, empty rows give O = 0, L = -inf).
-On a machine with a GPU the kernels run compiled on it (fp32 inputs, full-precision dots); without one, through the
-Triton interpreter, which is slow: the shapes stay tiny (N 16..160, odd lengths, D 16/32).
+Nothing here runs the code under test: the tests make the inputs here (CPU, seeded), hand them to producers that run
+the student's kernels in the grading worker (on the GPU when there is one, else through the Triton interpreter), and
+compare what comes back with `attention_float64` / `grads_float64`.
+
+Conventions, the lab's: GQA by head groups (query head h reads K/V head h // (H / H_kv)), the causal mask aligned
+bottom-right (query i sees keys j <= i + Nk - Nq), and a row that sees no key gets O = 0 and L = -inf. The
+interpreter is slow, so the shapes stay tiny (N 16..160, odd lengths, D 16..64).
 """
 
 import math
@@ -13,10 +15,6 @@ import pytest
 import torch
 
 from common.testing import random_tensor
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _attend(q, k, v, *, causal: bool, sm_scale: float | None):
@@ -34,13 +32,13 @@ def _attend(q, k, v, *, causal: bool, sm_scale: float | None):
     return probs @ v, lse
 
 
-def _attention_float64(q, k, v, *, causal: bool, sm_scale: float | None = None):
+def attention_float64(q, k, v, *, causal: bool, sm_scale: float | None = None):
     """(O, L) in float64, on CPU."""
     q, k, v = (t.detach().to("cpu", torch.float64) for t in (q, k, v))
     return _attend(q, k, v, causal=causal, sm_scale=sm_scale)
 
 
-def _grads_float64(q, k, v, do, *, causal: bool, sm_scale: float | None = None):
+def grads_float64(q, k, v, do, *, causal: bool, sm_scale: float | None = None):
     """(dQ, dK, dV) in float64, on CPU, by autograd through the textbook attention."""
     leaves = [t.detach().to("cpu", torch.float64).requires_grad_(True) for t in (q, k, v)]
     o, _ = _attend(*leaves, causal=causal, sm_scale=sm_scale)
@@ -48,31 +46,47 @@ def _grads_float64(q, k, v, do, *, causal: bool, sm_scale: float | None = None):
     return tuple(t.grad for t in leaves)
 
 
-def _make_qkv(B, H, H_kv, Nq, Nk, D, *, seed: int, dtype=torch.float32, device: str | None = None):
-    """Random q (B, H, Nq, D), k and v (B, H_kv, Nk, D), and an upstream gradient dO like q."""
-    device = device or _device()
-    q = random_tensor(B, H, Nq, D, dtype=dtype, seed=seed).to(device)
-    k = random_tensor(B, H_kv, Nk, D, dtype=dtype, seed=seed + 1).to(device)
-    v = random_tensor(B, H_kv, Nk, D, dtype=dtype, seed=seed + 2).to(device)
-    do = random_tensor(B, H, Nq, D, dtype=dtype, seed=seed + 3).to(device)
+def make_qkv(B, H, H_kv, Nq, Nk, D, *, seed: int, dtype=torch.float32):
+    """Random CPU q (B, H, Nq, D), k and v (B, H_kv, Nk, D), and an upstream gradient dO like q."""
+    q = random_tensor(B, H, Nq, D, dtype=dtype, seed=seed)
+    k = random_tensor(B, H_kv, Nk, D, dtype=dtype, seed=seed + 1)
+    v = random_tensor(B, H_kv, Nk, D, dtype=dtype, seed=seed + 2)
+    do = random_tensor(B, H, Nq, D, dtype=dtype, seed=seed + 3)
     return q, k, v, do
 
 
-@pytest.fixture
-def device():
-    return _device()
+def check_lse(got, want, *, name: str, inputs: str) -> None:
+    """L against the float64 logsumexp: -inf exactly where a row sees no key, close elsewhere (check_close alone
+    would accept any value where -inf is expected, since inf - inf is nan)."""
+    from common.testing import check_close
+
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        raise AssertionError(f"{name} on input {inputs}: got {getattr(got, 'shape', type(got).__name__)}, "
+                             f"expected shape {tuple(want.shape)}")
+    empty = torch.isneginf(want)
+    wrong = (torch.isneginf(got) != empty).nonzero()
+    if len(wrong):
+        index = wrong[0].tolist()
+        raise AssertionError(f"{name} on input {inputs}: at index {index} got {got[tuple(index)].item():.6g}, "
+                             f"expected {want[tuple(index)].item():.6g} (-inf exactly for a row that sees no key)")
+    check_close(got.masked_fill(empty, 0.0), want.masked_fill(empty, 0.0), name=name, inputs=inputs)
 
 
-@pytest.fixture
-def attention_float64():
-    return _attention_float64
+@pytest.fixture(name="check_lse")
+def _check_lse_fixture():
+    return check_lse
 
 
-@pytest.fixture
-def grads_float64():
-    return _grads_float64
+@pytest.fixture(name="attention_float64")
+def _attention_float64_fixture():
+    return attention_float64
 
 
-@pytest.fixture
-def make_qkv():
-    return _make_qkv
+@pytest.fixture(name="grads_float64")
+def _grads_float64_fixture():
+    return grads_float64
+
+
+@pytest.fixture(name="make_qkv")
+def _make_qkv_fixture():
+    return make_qkv

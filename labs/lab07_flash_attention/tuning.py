@@ -5,7 +5,7 @@ a small grid of (block_m, block_n, num_warps, num_stages), within a time budget.
 (shared memory or registers) is recorded as failed. The winners are then written into the launchers by hand, with a
 comment, and benchmark.json keeps the whole table.
 
-    PYTHONPATH=reference:labs python -m lab07_flash_attention.benchmark --out DIR --sweep
+    PYTHONPATH=reference:labs python -m lab07_flash_attention.benchmark --out DIR --tiles
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ def _inputs(B: int, H: int, N: int, D: int):
 
 
 def _time(fn) -> float | str:
-    from .benchmark import bench_ms
+    """Median ms of fn over 3 rounds of 10 calls (common.bench), or why it failed."""
+    from common.bench import interleaved
 
     try:
-        return round(bench_ms(fn), 4)
+        return round(interleaved({"config": fn}, rounds=3, reps=10, warmup=3, device="cuda").time("config").median, 4)
     except Exception as error:  # noqa: BLE001 - a config that does not fit is a result, not a crash
         return f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
 
