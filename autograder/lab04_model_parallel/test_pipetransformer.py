@@ -111,7 +111,7 @@ def single_process_trajectory(plan: dict, seed: int) -> dict:
         tokens, targets, _ = elastic_batch(step, seed)
         loss = model.loss(tokens, targets)
         loss.backward()
-        out["losses"].append(float(loss))
+        out["losses"].append(loss.item())
         out["norms"].append(_block_norms(model))
         out["frozen"].append(frozen)
         with torch.no_grad():

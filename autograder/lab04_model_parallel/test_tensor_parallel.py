@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from autograder.lab04_model_parallel.workers import (assemble, block_config, block_inputs, full_block, operator_inputs,
-                                                     tp_blocks, tp_errors, tp_ops)
+                                                     tp_blocks, tp_ops)
 from common.model import rope_tables
 from common.testing import check_close, describe
 
@@ -36,13 +36,27 @@ def _linear_expectations(data: dict, t: int) -> dict:
     return out
 
 
-@pytest.mark.points(4)
+def check_errors(errors: dict, t: int, rank: int) -> None:
+    """Each size t does not divide raised ValueError naming the size and t."""
+    bad = str(errors["bad"])
+    for key, number in (("column", bad), ("row", bad), ("heads", bad), ("kv_heads", str(errors["kv_heads_used"])),
+                        ("ffn", bad)):
+        message = errors[key]
+        assert message.startswith("ValueError"), (
+            f"{key}: a size the tensor-parallel size ({t}) does not divide should raise ValueError on rank {rank}, "
+            f"got: {message}")
+        assert number in message and str(t) in message.replace(number, ""), (
+            f"{key}: the error should name the size ({number}) and the tensor-parallel size ({t}): {message}")
+
+
+@pytest.mark.points(6)
 @pytest.mark.time_limit(90)
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_operators_and_linear_layers(student, world_size):
+def test_operators_linear_layers_and_errors(student, world_size):
     """f (identity forward, all-reduce backward), g (all-reduce forward, identity backward), the all-gather, and
     column-parallel (with and without gathering, with a bias) and row-parallel linears (bias added once), against
-    F.linear on one process."""
+    F.linear on one process; sizes t does not divide (out_features, in_features, num_heads, num_kv_heads when
+    neither divides the other, the FFN width) raise ValueError naming both numbers."""
     got = student.run(tp_ops, world_size, 5)
     t, data = world_size, operator_inputs(5, world_size)
     want = _linear_expectations(data, t)
@@ -61,10 +75,10 @@ def test_operators_and_linear_layers(student, world_size):
                     name="gather_from_tp forward: slices concatenated in rank order", inputs=where)
         check_close(out["gather_grad"], data["gather_weight"][:, 3 * r:3 * r + 3],
                     name="gather_from_tp backward: this rank's slice of the gradient", inputs=where)
-        rows = (4 * t + 4) // t
+        rows = 5
         for gather in (False, True):
             key, expect = f"column gather={gather}", want[f"column gather={gather}"]
-            layer = f"ColumnParallelLinear(6, {4 * t + 4}, gather_output={gather}, bias=True)"
+            layer = f"ColumnParallelLinear(6, {5 * t}, gather_output={gather}, bias=True)"
             y = expect["y"] if gather else expect["y"][..., r * rows:(r + 1) * rows]
             check_close(out[key]["y"], y, name=f"{layer} output", inputs=where)
             check_close(out[key]["dx"], expect["dx"], name=f"{layer} input gradient (f sums the ranks' parts)",
@@ -81,6 +95,7 @@ def test_operators_and_linear_layers(student, world_size):
         check_close(out["row"]["dw"], expect["dw"][:, 3 * r:3 * r + 3], name=f"{layer} weight gradient (this rank's "
                     "columns)", inputs=where)
         check_close(out["row"]["db"], expect["db"], name=f"{layer} bias gradient", inputs=where)
+        check_errors(out["errors"], t, r)
 
 
 def _block_expectations(case: dict, seed: int, index: int) -> dict:
@@ -146,21 +161,3 @@ def test_mlp_attention_and_block(student, world_size):
                              what=f"{cls} forward on rank {r} ({where})")
                 _check_calls(bwd, expected_big=per_layer, activation_bytes=activation,
                              allow_small=copies and part != "mlp", what=f"{cls} backward on rank {r} ({where})")
-
-
-@pytest.mark.points(2)
-@pytest.mark.time_limit(60)
-def test_errors_name_both_numbers(student):
-    """A size the group does not divide raises ValueError naming the size and the group size: out_features,
-    in_features, num_heads, num_kv_heads (when neither it nor t divides the other) and the FFN width."""
-    got = student.run(tp_errors, 2)
-    for r, out in enumerate(got):
-        bad = str(out["bad"])
-        for key, number in (("column", bad), ("row", bad), ("heads", bad), ("kv_heads", str(out["kv_heads_used"])),
-                            ("ffn", bad)):
-            message = out[key]
-            assert message.startswith("ValueError"), (
-                f"{key}: a size the tensor-parallel size (2) does not divide should raise ValueError on rank {r}, "
-                f"got: {message}")
-            assert number in message and "2" in message.replace(number, ""), (
-                f"{key}: the error should name the size ({number}) and the tensor-parallel size (2): {message}")

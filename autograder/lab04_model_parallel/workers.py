@@ -161,10 +161,10 @@ def operator_inputs(seed: int, tp_size: int) -> dict:
         "g_weight": random_tensor(3, 5, dtype=torch.float64, seed=seed + 30),
         "gather_inputs": [random_tensor(2, 3, dtype=torch.float64, seed=seed + 40 + r) for r in range(tp_size)],
         "gather_weight": random_tensor(2, 3 * tp_size, dtype=torch.float64, seed=seed + 50),
-        "col_w": random_tensor(4 * tp_size + 4, 6, dtype=torch.float64, seed=seed + 60),
-        "col_b": random_tensor(4 * tp_size + 4, dtype=torch.float64, seed=seed + 61),
+        "col_w": random_tensor(5 * tp_size, 6, dtype=torch.float64, seed=seed + 60),
+        "col_b": random_tensor(5 * tp_size, dtype=torch.float64, seed=seed + 61),
         "col_x": random_tensor(2, 3, 6, dtype=torch.float64, seed=seed + 62),
-        "col_r": random_tensor(2, 3, 4 * tp_size + 4, dtype=torch.float64, seed=seed + 63),
+        "col_r": random_tensor(2, 3, 5 * tp_size, dtype=torch.float64, seed=seed + 63),
         "row_w": random_tensor(5, 3 * tp_size, dtype=torch.float64, seed=seed + 70),
         "row_b": random_tensor(5, dtype=torch.float64, seed=seed + 71),
         "row_x": random_tensor(2, 3, 3 * tp_size, dtype=torch.float64, seed=seed + 72),
@@ -200,8 +200,8 @@ def tp_ops_rank(info, seed: int) -> dict:
     out["gather_grad"] = x.grad.cpu()
     # column-parallel, with and without gathering its output
     for gather in (False, True):
-        layer = ColumnParallelLinear(6, 4 * t + 4, group=group, gather_output=gather, bias=True).to(dev, torch.float64)
-        rows = (4 * t + 4) // t
+        layer = ColumnParallelLinear(6, 5 * t, group=group, gather_output=gather, bias=True).to(dev, torch.float64)
+        rows = 5
         with torch.no_grad():
             layer.weight.copy_(data["col_w"][r * rows:(r + 1) * rows])
             layer.bias.copy_(data["col_b"][r * rows:(r + 1) * rows])
@@ -221,6 +221,7 @@ def tp_ops_rank(info, seed: int) -> dict:
     (y * data["row_r"]).sum().backward()
     out["row"] = {"y": y.detach().cpu(), "dx": x.grad.cpu(), "dw": layer.weight.grad.cpu(),
                   "db": layer.bias.grad.cpu()}
+    out["errors"] = tp_errors_rank(info)
     return out
 
 
@@ -298,8 +299,9 @@ def tp_errors_rank(info) -> dict:
     group, t = dist.group.WORLD, info.world_size
     bad = 2 * t + 1
     heads = ModelConfig(num_layers=1, num_heads=bad, num_kv_heads=1, width=2 * bad, max_seq_len=8)
-    # 12 heads, 3 K/V heads at t = 2; 6 K/V heads at t = 4: neither divides the other
-    kv = ModelConfig(num_layers=1, num_heads=12, num_kv_heads=3 if t == 2 else 6, width=48, max_seq_len=8)
+    # 12 heads (t divides 12), and a K/V head count that neither divides t nor is divided by it
+    kv_heads = next(k for k in (3, 2, 6, 4) if 12 % k == 0 and k % t and t % k)
+    kv = ModelConfig(num_layers=1, num_heads=12, num_kv_heads=kv_heads, width=48, max_seq_len=8)
     ffn = ModelConfig(num_layers=1, num_heads=2 * t, num_kv_heads=t, width=8 * t, ffn_width=bad, max_seq_len=8)
     return {
         "column": _error(lambda: ColumnParallelLinear(6, bad, group=group)),
@@ -309,10 +311,6 @@ def tp_errors_rank(info) -> dict:
         "ffn": _error(lambda: ParallelSwiGLU(ffn, group=group)),
         "bad": bad, "kv_heads_used": kv.num_kv_heads,
     }
-
-
-def tp_errors(world_size: int) -> list:
-    return run_distributed(tp_errors_rank, world_size=world_size, timeout_s=TIMEOUT_S)
 
 
 # -----------------------------------------------------------------------------
@@ -838,3 +836,36 @@ def check_tp_model(got: list, cases: list, *, dp: int, tp: int, seed: int, seque
                 assert all(s is not None for s in shards), f"{what}: no gradient for {name} on some rank ({where})"
                 check_close(assemble(name, shards, model.config, tp), full,
                             name=f"{what}: gradient of {name} gathered from replica {d}'s ranks", inputs=where)
+
+
+# -----------------------------------------------------------------------------
+# On GPUs (NCCL)
+
+
+def gpu_rank(info, seed: int) -> dict:
+    """fp32 on CUDA over NCCL: a tp = world model's loss and gradients, and a 1F1B pipeline over world stages with
+    its CUDA-event timeline."""
+    from lab04_model_parallel.pipeline import PipelineConfig, PipelineRuntime, PipelineStage
+    from lab04_model_parallel.sharding import apply_tensor_parallel
+
+    from common.mesh import build_mesh
+
+    tokens, targets = (t.to(info.device) for t in corpus_batch(batch_size=4, seq_len=16, seed=seed))
+    out = {}
+    mesh = build_mesh(tp=info.world_size)
+    model = apply_tensor_parallel(tiny_model(seed=seed, dtype=torch.float32).to(info.device), tp_group=mesh.tp_group)
+    loss = model.loss(tokens, targets)
+    loss.backward()
+    out["tp"] = {"loss": loss.detach().cpu(), "grads": _grads(model)}
+    mesh = build_mesh(pp=info.world_size)
+    stage = PipelineStage(tiny_model(seed=seed, dtype=torch.float32).to(info.device), stage_index=mesh.pp_rank,
+                          num_stages=mesh.pp_size)
+    runtime = PipelineRuntime(stage, pp_group=mesh.pp_group, config=PipelineConfig(num_microbatches=4))
+    loss = runtime.step(tokens, targets)
+    out["pp"] = {"loss": None if loss is None else loss.cpu(), "grads": _grads(stage),
+                 "timeline": [(e.kind, e.microbatch, e.start, e.end) for e in runtime.timeline]}
+    return out
+
+
+def gpu_checks(world_size: int, seed: int) -> list:
+    return run_distributed(gpu_rank, world_size=world_size, args=(seed,), backend="nccl", timeout_s=120)

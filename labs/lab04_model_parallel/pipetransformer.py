@@ -224,10 +224,11 @@ class ElasticPipeline:
 
     def _record_grad_norms(self) -> None:
         """||g_l|| of every block, summed over the pipeline (each stage fills in its own blocks)."""
-        norms = torch.zeros(len(self.model.blocks), dtype=torch.float64)
+        device = self.model.rope_cos.device  # NCCL reduces only tensors on the GPU
+        norms = torch.zeros(len(self.model.blocks), dtype=torch.float64, device=device)
         local = block_gradient_norms(list(self.stage.blocks.values()))
-        norms[self.num_frozen + self.stage.start:self.num_frozen + self.stage.stop] = torch.tensor(local,
-                                                                                                  dtype=torch.float64)
+        first = self.num_frozen + self.stage.start
+        norms[first:first + len(local)] = torch.tensor(local, dtype=torch.float64, device=device)
         dist.all_reduce(norms, group=self.mesh.pp_group)
         self.last_grad_norms = norms.tolist()
 
