@@ -88,8 +88,9 @@ def test_compress_pipeline(student):
         want = stages
         while want % 2 == 0 and -(-active // (want // 2)) <= capacity:
             want //= 2
-        assert value == want, (f"compress_pipeline({active} active blocks, {stages} stages, blocks_per_stage="
-                               f"{capacity}) = {value}, expected {want}")
+        assert type(value) is int and value == want, (
+            f"compress_pipeline({active} active blocks, {stages} stages, blocks_per_stage={capacity}) = {value!r}, "
+            f"expected the int {want}")
     for case, value in zip(errors, got[len(cases):]):
         assert isinstance(value, str) and value.startswith("ValueError"), (
             f"compress_pipeline{case} should raise ValueError, got {value}")
@@ -160,7 +161,7 @@ def check_elastic(got: list, plan: dict, seed: int, world: int) -> None:
 
 
 @pytest.mark.points(5)
-@pytest.mark.time_limit(120)
+@pytest.mark.time_limit(200)
 def test_elastic_pipeline_repacks_and_keeps_the_trajectory(student):
     """World 4, 4 blocks, plain SGD: 2 steps as one 4-stage pipeline; freezing 2 blocks repacks it into 2 pipelines
     of 2 stages (data-parallel) fed by the activation cache (8 samples computed once each per first stage over 3

@@ -81,6 +81,24 @@ def expected_1f1b(p: int, m: int) -> list[list[tuple[str, int, int]]]:
     return plan
 
 
+def expected_interleaved(p: int, m: int, v: int) -> list[list[tuple[str, int, int]]]:
+    """Rounds of p micro-batches per chunk (chunks reversed for backwards); warm-up 2(p-r-1) + (v-1)p, capped."""
+    forwards, backwards = [], []
+    for group in range(m // p):
+        for chunk in range(v):
+            forwards += [(group * p + k, chunk) for k in range(p)]
+            backwards += [(group * p + k, v - 1 - chunk) for k in range(p)]
+    plan = []
+    for r in range(p):
+        w = min(2 * (p - r - 1) + (v - 1) * p, m * v)
+        order = [("F", i, c * p + r) for i, c in forwards[:w]]
+        for k in range(m * v - w):
+            order += [("F", forwards[w + k][0], forwards[w + k][1] * p + r),
+                      ("B", backwards[k][0], backwards[k][1] * p + r)]
+        plan.append(order + [("B", i, c * p + r) for i, c in backwards[m * v - w:]])
+    return plan
+
+
 def check_timeline(got: dict, p: int, forward_time: float, backward_time: float, chunks: int, what: str) -> None:
     """Each rank's actions do not overlap, last as long as they should, and start after their dependencies."""
     ends = {}
@@ -169,25 +187,31 @@ def test_simulate_rejects_bad_schedules(student):
         if what == "deadlock":
             assert "rank 0" in str(error.value) or "rank 1" in str(error.value), (
                 f"the deadlock error should name the waiting rank: {error.value}")
+        if what == "wrong rank":
+            assert "rank 0" in str(error.value) and "rank 1" in str(error.value), (
+                f"giving rank 0 the actions of stage 1 should raise an error naming rank 0 and the stage's rank 1: "
+                f"{error.value}")
     assert student.run(schedule_error, "gpipe", 0, 3).startswith("ValueError")
     assert student.run(schedule_error, "one_f_one_b", 3, 0).startswith("ValueError")
 
 
 @pytest.mark.points(4)
 def test_interleaved_one_f_one_b(student):
-    """Challenge: interleaved 1F1B with v chunks per rank is a valid schedule (virtual stage c p + r on rank r, each
-    action once), does not deadlock, and its simulated bubble is (p-1)/(v m+p-1); m not divisible by p raises
-    ValueError naming both."""
+    """Challenge: interleaved 1F1B with v chunks per rank follows the documented order (virtual stage c p + r on rank
+    r, rounds of p micro-batches per chunk, 2(p-r-1) + (v-1)p warm-up forwards), does not deadlock, and its simulated
+    bubble is (p-1)/(v m+p-1); m not divisible by p raises ValueError naming both."""
     sizes = [(2, 2, 2), (2, 6, 3), (3, 6, 2), (4, 4, 2), (4, 8, 3), (4, 12, 1), (2, 4, 4)]
     plans = student.run(schedule_actions, [("interleaved", p, m, v) for p, m, v in sizes])
     sims = student.run(simulated, [("interleaved", p, m, v, 1.0, 2.0) for p, m, v in sizes])
     for (p, m, v), plan, got in zip(sizes, plans, sims):
         what = f"interleaved_one_f_one_b({p}, {m}, {v})"
         assert len(plan) == p, f"{what}: {len(plan)} ranks"
+        want = expected_interleaved(p, m, v)
         for r, actions in enumerate(plan):
             stages = {s for _, _, s in actions}
             assert stages == {c * p + r for c in range(v)}, f"{what}: rank {r} runs stages {sorted(stages)}"
             assert len(actions) == 2 * m * v == len(set(actions)), f"{what}: rank {r} has {len(actions)} actions"
+            assert actions == want[r], f"{what}: rank {r} runs {actions}, the documented order is {want[r]}"
         assert math.isclose(got["bubble"], (p - 1) / (v * m + p - 1), abs_tol=1e-12), (
             f"simulate({what}): bubble {got['bubble']:.6f}, expected (p-1)/(v m+p-1) = "
             f"{(p - 1) / (v * m + p - 1):.6f}")

@@ -36,68 +36,6 @@ def _linear_expectations(data: dict, t: int) -> dict:
     return out
 
 
-def check_errors(errors: dict, t: int, rank: int) -> None:
-    """Each size t does not divide raised ValueError naming the size and t."""
-    bad = str(errors["bad"])
-    for key, number in (("column", bad), ("row", bad), ("heads", bad), ("kv_heads", str(errors["kv_heads_used"])),
-                        ("ffn", bad)):
-        message = errors[key]
-        assert message.startswith("ValueError"), (
-            f"{key}: a size the tensor-parallel size ({t}) does not divide should raise ValueError on rank {rank}, "
-            f"got: {message}")
-        assert number in message and str(t) in message.replace(number, ""), (
-            f"{key}: the error should name the size ({number}) and the tensor-parallel size ({t}): {message}")
-
-
-@pytest.mark.points(6)
-@pytest.mark.time_limit(90)
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_operators_linear_layers_and_errors(student, world_size):
-    """f (identity forward, all-reduce backward), g (all-reduce forward, identity backward), the all-gather, and
-    column-parallel (with and without gathering, with a bias) and row-parallel linears (bias added once), against
-    F.linear on one process; sizes t does not divide (out_features, in_features, num_heads, num_kv_heads when
-    neither divides the other, the FFN width) raise ValueError naming both numbers."""
-    got = student.run(tp_ops, world_size, 5)
-    t, data = world_size, operator_inputs(5, world_size)
-    want = _linear_expectations(data, t)
-    for r, out in enumerate(got):
-        where = describe(world_size=t, rank=r)
-        check_close(out["f_forward"], data["x"], name="copy_to_tp (f) forward: the input unchanged", inputs=where)
-        check_close(out["f_grad"], sum(data["f_weights"]), name="copy_to_tp (f) backward: the ranks' gradients "
-                    "summed", inputs=where)
-        check_close(out["g_forward"], sum(data["g_inputs"]), name="reduce_from_tp (g) forward: the ranks' inputs "
-                    "summed", inputs=where)
-        check_close(out["g_input_after"], data["g_inputs"][r], name="reduce_from_tp (g): the input tensor must not be "
-                    "changed in place", inputs=where)
-        check_close(out["g_grad"], data["g_weight"], name="reduce_from_tp (g) backward: the gradient unchanged",
-                    inputs=where)
-        check_close(out["gather_forward"], torch.cat(data["gather_inputs"], dim=-1),
-                    name="gather_from_tp forward: slices concatenated in rank order", inputs=where)
-        check_close(out["gather_grad"], data["gather_weight"][:, 3 * r:3 * r + 3],
-                    name="gather_from_tp backward: this rank's slice of the gradient", inputs=where)
-        rows = 5
-        for gather in (False, True):
-            key, expect = f"column gather={gather}", want[f"column gather={gather}"]
-            layer = f"ColumnParallelLinear(6, {5 * t}, gather_output={gather}, bias=True)"
-            y = expect["y"] if gather else expect["y"][..., r * rows:(r + 1) * rows]
-            check_close(out[key]["y"], y, name=f"{layer} output", inputs=where)
-            check_close(out[key]["dx"], expect["dx"], name=f"{layer} input gradient (f sums the ranks' parts)",
-                        inputs=where)
-            check_close(out[key]["dw"], expect["dw"][r * rows:(r + 1) * rows], name=f"{layer} weight gradient "
-                        "(this rank's rows)", inputs=where)
-            check_close(out[key]["db"], expect["db"][r * rows:(r + 1) * rows], name=f"{layer} bias gradient",
-                        inputs=where)
-        layer, expect = f"RowParallelLinear({3 * t}, 5, bias=True)", want["row"]
-        check_close(out["row"]["y"], expect["y"], name=f"{layer} output (partial sums all-reduced, bias added once)",
-                    inputs=where)
-        check_close(out["row"]["dx"], expect["dx"][..., 3 * r:3 * r + 3], name=f"{layer} input gradient (this rank's "
-                    "slice)", inputs=where)
-        check_close(out["row"]["dw"], expect["dw"][:, 3 * r:3 * r + 3], name=f"{layer} weight gradient (this rank's "
-                    "columns)", inputs=where)
-        check_close(out["row"]["db"], expect["db"], name=f"{layer} bias gradient", inputs=where)
-        check_errors(out["errors"], t, r)
-
-
 def _block_expectations(case: dict, seed: int, index: int) -> dict:
     config = block_config(case)
     full = full_block(case, seed + index)
@@ -128,7 +66,7 @@ def _check_calls(calls: list, *, expected_big: int, activation_bytes: int, allow
 
 
 @pytest.mark.points(8)
-@pytest.mark.time_limit(90)
+@pytest.mark.time_limit(200)
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_mlp_attention_and_block(student, world_size):
     """ParallelSwiGLU, ParallelAttention (GQA heads split or copied, MQA, MHA) and ParallelBlock give the
@@ -161,3 +99,67 @@ def test_mlp_attention_and_block(student, world_size):
                              what=f"{cls} forward on rank {r} ({where})")
                 _check_calls(bwd, expected_big=per_layer, activation_bytes=activation,
                              allow_small=copies and part != "mlp", what=f"{cls} backward on rank {r} ({where})")
+
+
+def check_errors(errors: dict, t: int, rank: int) -> None:
+    """Each size t does not divide raised ValueError naming the size and t."""
+    bad = str(errors["bad"])
+    for key, number in (("column", bad), ("row", bad), ("heads", bad), ("kv_heads", str(errors["kv_heads_used"])),
+                        ("ffn", bad)):
+        message = errors[key]
+        assert message.startswith("ValueError"), (
+            f"{key}: a size the tensor-parallel size ({t}) does not divide should raise ValueError on rank {rank}, "
+            f"got: {message}")
+        assert number in message and str(t) in message.replace(number, ""), (
+            f"{key}: the error should name the size ({number}) and the tensor-parallel size ({t}): {message}")
+
+
+@pytest.mark.points(6)
+@pytest.mark.time_limit(200)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_operators_linear_layers_and_errors(student, world_size):
+    """f (identity forward, all-reduce backward), g (all-reduce forward, identity backward), the all-gather, and
+    column-parallel (with and without gathering, with a bias) and row-parallel linears (bias added once), against
+    F.linear on one process; sizes t does not divide (out_features, in_features, num_heads, num_kv_heads when
+    neither divides the other, the FFN width) raise ValueError naming both numbers."""
+    got = student.run(tp_ops, world_size, 5)
+    t, data = world_size, operator_inputs(5, world_size)
+    want = _linear_expectations(data, t)
+    for r, out in enumerate(got):
+        where = describe(world_size=t, rank=r)
+        check_close(out["f_forward"], data["x"], name="copy_to_tp (f) forward: the input unchanged", inputs=where)
+        check_close(out["f_grad"], sum(data["f_weights"]), name="copy_to_tp (f) backward: the ranks' gradients "
+                    "summed", inputs=where)
+        check_close(out["f_grad_of_sum"], torch.full_like(data["x"], float(t)),
+                    name="copy_to_tp (f) backward of y.sum() (an expanded gradient)", inputs=where)
+        check_close(out["g_forward"], sum(data["g_inputs"]), name="reduce_from_tp (g) forward: the ranks' inputs "
+                    "summed", inputs=where)
+        check_close(out["g_input_after"], data["g_inputs"][r], name="reduce_from_tp (g): the input tensor must not be "
+                    "changed in place", inputs=where)
+        check_close(out["g_grad"], data["g_weight"], name="reduce_from_tp (g) backward: the gradient unchanged",
+                    inputs=where)
+        check_close(out["gather_forward"], torch.cat(data["gather_inputs"], dim=-1),
+                    name="gather_from_tp forward: slices concatenated in rank order", inputs=where)
+        check_close(out["gather_grad"], data["gather_weight"][:, 3 * r:3 * r + 3],
+                    name="gather_from_tp backward: this rank's slice of the gradient", inputs=where)
+        rows = 5
+        for gather in (False, True):
+            key, expect = f"column gather={gather}", want[f"column gather={gather}"]
+            layer = f"ColumnParallelLinear(6, {5 * t}, gather_output={gather}, bias=True)"
+            y = expect["y"] if gather else expect["y"][..., r * rows:(r + 1) * rows]
+            check_close(out[key]["y"], y, name=f"{layer} output", inputs=where)
+            check_close(out[key]["dx"], expect["dx"], name=f"{layer} input gradient (f sums the ranks' parts)",
+                        inputs=where)
+            check_close(out[key]["dw"], expect["dw"][r * rows:(r + 1) * rows], name=f"{layer} weight gradient "
+                        "(this rank's rows)", inputs=where)
+            check_close(out[key]["db"], expect["db"][r * rows:(r + 1) * rows], name=f"{layer} bias gradient",
+                        inputs=where)
+        layer, expect = f"RowParallelLinear({3 * t}, 5, bias=True)", want["row"]
+        check_close(out["row"]["y"], expect["y"], name=f"{layer} output (partial sums all-reduced, bias added once)",
+                    inputs=where)
+        check_close(out["row"]["dx"], expect["dx"][..., 3 * r:3 * r + 3], name=f"{layer} input gradient (this rank's "
+                    "slice)", inputs=where)
+        check_close(out["row"]["dw"], expect["dw"][:, 3 * r:3 * r + 3], name=f"{layer} weight gradient (this rank's "
+                    "columns)", inputs=where)
+        check_close(out["row"]["db"], expect["db"], name=f"{layer} bias gradient", inputs=where)
+        check_errors(out["errors"], t, r)

@@ -13,6 +13,7 @@ the lab is imported and records every call's size.
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ from common.launch import run_distributed
 from common.model import Block, ModelConfig, rope_tables
 from common.testing import check_close, corpus_batch, describe, gradients, random_tensor, tiny_model
 
-TIMEOUT_S = 45.0  # per distributed run: below the tests' limits, so a deadlock is reported as such
+TIMEOUT_S = 150.0  # per distributed run, below the tests' limits: a deadlock is reported as one (a loaded CPU is slow)
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
                "broadcast", "reduce", "all_to_all", "all_to_all_single", "gather", "scatter", "send", "recv",
                "batch_isend_irecv", "all_gather_object", "broadcast_object_list")
@@ -186,6 +187,9 @@ def tp_ops_rank(info, seed: int) -> dict:
     out["f_forward"] = y.detach().cpu()
     (y * data["f_weights"][r]).sum().backward()
     out["f_grad"] = x.grad.cpu()
+    x = data["x"].clone().requires_grad_()
+    copy_to_tp(x, group).sum().backward()  # the incoming gradient is an expanded (stride 0) tensor
+    out["f_grad_of_sum"] = x.grad.cpu()
     # g: all-reduce forward, identity backward; the input is not changed
     x = data["g_inputs"][r].clone().requires_grad_()
     y = reduce_from_tp(x, group)
@@ -324,6 +328,7 @@ def vocab_inputs(seed: int, vocab: int) -> dict:
     tokens[0, :4] = torch.tensor([0, vocab - 1, vocab // 2, vocab // 2 - 1])
     targets = torch.randint(0, vocab, (11,), generator=torch.Generator().manual_seed(seed + 1))
     targets[3], targets[7] = -100, vocab - 1
+    targets[1], targets[2], targets[5] = vocab // 2, 0, vocab // 4  # the first ids of shards (t = 2, 4)
     return {"tokens": tokens, "table": random_tensor(vocab, 6, dtype=torch.float64, seed=seed + 2),
             "embed_r": random_tensor(3, 5, 6, dtype=torch.float64, seed=seed + 3),
             "logits": random_tensor(11, vocab, dtype=torch.float64, seed=seed + 4, scale=3.0),
@@ -414,8 +419,8 @@ def tp_model_rank(info, dp: int, tp: int, cases: list[dict], seed: int, sequence
             tokens, targets = (t.chunk(dp)[mesh.dp_rank].to(info.device) for t in (tokens, targets))
             if "ignore" in case:
                 targets[0, : case["ignore"]] = -100
-            config = TensorParallelConfig(sequence_parallel=sequence_parallel)
-            parallel = apply_tensor_parallel(model, tp_group=mesh.tp_group, config=config)
+            parallel = apply_tensor_parallel(model, tp_group=mesh.tp_group,
+                                             config=TensorParallelConfig(sequence_parallel=bool(sequence_parallel)))
             log.calls.clear()
             loss = parallel.loss(tokens, targets)
             loss.backward()
@@ -514,6 +519,54 @@ def pipeline(world_size: int, runs: list[dict], seed: int, num_layers: int = 4, 
                            timeout_s=TIMEOUT_S)
 
 
+class _SlowBackward(torch.autograd.Function):
+    """Identity; its backward sleeps (a stage whose backward takes a known, long time)."""
+
+    @staticmethod
+    def forward(ctx, x, seconds):
+        ctx.seconds = seconds
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.seconds)
+        return grad, None
+
+
+class _Slow(torch.nn.Module):
+    """Wraps a stage; each forward and each backward sleeps `seconds` first."""
+
+    def __init__(self, stage, seconds: float):
+        super().__init__()
+        self.inner, self.seconds = stage, seconds
+        self.is_first, self.is_last, self.width = stage.is_first, stage.is_last, stage.width
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        if x.is_floating_point():
+            x = _SlowBackward.apply(x, self.seconds)
+        return self.inner(x)
+
+
+def overlap_timelines(info, seconds: float) -> list:
+    """GPipe over 2 stages, m = 3, every forward and backward slowed by `seconds`: the timeline in absolute host
+    time (perf_counter is one clock for every process of the machine)."""
+    from lab04_model_parallel.pipeline import PipelineConfig, PipelineRuntime, PipelineStage
+
+    from common.mesh import build_mesh
+
+    mesh = build_mesh(pp=info.world_size)
+    stage = _Slow(PipelineStage(tiny_model(num_layers=2, seed=3).to(info.device), stage_index=mesh.pp_rank,
+                                num_stages=mesh.pp_size), seconds)
+    tokens, targets = (t.to(info.device) for t in corpus_batch(batch_size=3, seq_len=9, seed=3))
+    runtime = PipelineRuntime(stage, pp_group=mesh.pp_group, config=PipelineConfig(num_microbatches=3,
+                                                                                   schedule="gpipe"))
+    dist.barrier()
+    origin = time.perf_counter()
+    runtime.step(tokens, targets)
+    return [(e.kind, e.microbatch, origin + e.start, origin + e.end) for e in runtime.timeline]
+
+
 def torch_pipeline_rank(info, num_microbatches: int, seed: int) -> dict:
     """The student's runtime and torch.distributed.pipelining's ScheduleGPipe / Schedule1F1B on the same stage."""
     from torch.distributed.pipelining import PipelineStage as TorchStage
@@ -545,6 +598,7 @@ def torch_pipeline_rank(info, num_microbatches: int, seed: int) -> dict:
         theirs = {"loss": torch.stack(losses).mean().detach().cpu() if stage.is_last else None,
                   "grads": _grads(stage)}
         out[schedule] = {"ours": ours, "torch": theirs}
+    out["overlap"] = overlap_timelines(info, 0.2)
     return out
 
 
@@ -588,7 +642,7 @@ def failing_pipeline(world_size: int, failing_rank: int, fail_at: int) -> str:
     from common.launch import DistributedError
 
     try:
-        run_distributed(failing_pipeline_rank, world_size=world_size, args=(failing_rank, fail_at), timeout_s=20)
+        run_distributed(failing_pipeline_rank, world_size=world_size, args=(failing_rank, fail_at), timeout_s=TIMEOUT_S)
     except DistributedError as error:
         return str(error)
     return "no error"

@@ -196,6 +196,8 @@ class ElasticPipeline:
             raise ValueError(f"freeze: num_frozen ({num_frozen}) must be in [{self.num_frozen}, "
                              f"{len(self.model.blocks)})")
         self.sync_model()
+        for module in [self.model.embed, *self.model.blocks[:num_frozen]]:
+            module.requires_grad_(False)  # documents the state; the frozen prefix is out of the pipeline anyway
         # TODO (lab04): your code here
         raise NotImplementedError("lab04: ElasticPipeline.freeze is not implemented yet (lab04_model_parallel/pipetransformer.py)")
 

@@ -67,31 +67,12 @@ class ReduceScatterToSequenceParallel(torch.autograd.Function):
         raise NotImplementedError("lab04: ReduceScatterToSequenceParallel.backward is not implemented yet (lab04_model_parallel/sequence_parallel.py)")
 
 
-class ScatterToSequenceParallel(torch.autograd.Function):
-    """Forward keeps this rank's positions of an input that every rank holds in full; backward all-gathers."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        # TODO (lab04): your code here
-        raise NotImplementedError("lab04: ScatterToSequenceParallel.forward is not implemented yet (lab04_model_parallel/sequence_parallel.py)")
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # TODO (lab04): your code here
-        raise NotImplementedError("lab04: ScatterToSequenceParallel.backward is not implemented yet (lab04_model_parallel/sequence_parallel.py)")
-
-
 def gather_from_sp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return GatherFromSequenceParallel.apply(x, group)
 
 
 def reduce_scatter_to_sp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return ReduceScatterToSequenceParallel.apply(x, group)
-
-
-def scatter_to_sp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    return ScatterToSequenceParallel.apply(x, group)
 
 
 def check_sequence_length(seq_len: int, tp_size: int) -> None:

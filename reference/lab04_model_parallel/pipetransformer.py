@@ -197,7 +197,7 @@ class ElasticPipeline:
         self.runtime = PipelineRuntime(
             self.stage, pp_group=self.mesh.pp_group,
             config=PipelineConfig(num_microbatches=self.config.num_microbatches, schedule=self.config.schedule),
-            dp_group=self.mesh.dp_group if self.mesh.dp_size > 1 else None)
+            dp_group=self.mesh.dp_group)
         self.cache = FrozenPrefixCache(self._frozen_prefix) if self.num_frozen and self.stage.is_first else None
         # END SOLUTION
 
@@ -224,10 +224,8 @@ class ElasticPipeline:
                     param.grad = None
         if loss is None:
             return None
-        if dp_size > 1:
-            dist.all_reduce(loss, group=self.mesh.dp_group)
-            loss /= dp_size
-        return float(loss)
+        dist.all_reduce(loss, group=self.mesh.dp_group)  # the replicas' mean losses, averaged
+        return float(loss / dp_size)
         # END SOLUTION
 
     def auto_freeze(self) -> int:
@@ -243,10 +241,10 @@ class ElasticPipeline:
             raise ValueError(f"freeze: num_frozen ({num_frozen}) must be in [{self.num_frozen}, "
                              f"{len(self.model.blocks)})")
         self.sync_model()
+        for module in [self.model.embed, *self.model.blocks[:num_frozen]]:
+            module.requires_grad_(False)  # documents the state; the frozen prefix is out of the pipeline anyway
         # BEGIN SOLUTION
         self.num_frozen = num_frozen
-        for module in [self.model.embed, *self.model.blocks[:num_frozen]]:
-            module.requires_grad_(False)
         self._build()
         # END SOLUTION
 

@@ -71,34 +71,12 @@ class ReduceScatterToSequenceParallel(torch.autograd.Function):
         # END SOLUTION
 
 
-class ScatterToSequenceParallel(torch.autograd.Function):
-    """Forward keeps this rank's positions of an input that every rank holds in full; backward all-gathers."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        # BEGIN SOLUTION
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
-        return x.chunk(size, dim=1)[rank].contiguous()
-        # END SOLUTION
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # BEGIN SOLUTION
-        return _all_gather_sequence(grad, ctx.group), None
-        # END SOLUTION
-
-
 def gather_from_sp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return GatherFromSequenceParallel.apply(x, group)
 
 
 def reduce_scatter_to_sp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return ReduceScatterToSequenceParallel.apply(x, group)
-
-
-def scatter_to_sp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    return ScatterToSequenceParallel.apply(x, group)
 
 
 def check_sequence_length(seq_len: int, tp_size: int) -> None:

@@ -9,7 +9,7 @@ from common.testing import describe
 
 
 @pytest.mark.points(3)
-@pytest.mark.time_limit(90)
+@pytest.mark.time_limit(200)
 def test_three_uneven_stages(student):
     """p = 3 over 5 blocks (2, 2, 1), a batch of 6: GPipe with m = 6 and 1F1B with m = 2 < p and m = 3 give the
     single-process loss and gradients, each rank following its schedule."""

@@ -7,7 +7,7 @@ from autograder.lab04_model_parallel.workers import elastic
 
 
 @pytest.mark.points(2)
-@pytest.mark.time_limit(120)
+@pytest.mark.time_limit(200)
 def test_two_ranks_become_two_replicas(student):
     """World 2, 4 blocks: a 2-stage pipeline; freezing 1 block leaves 3 active, which do not fit one stage (capacity
     2): no repack; freezing a second block repacks into 2 one-stage replicas. The trajectory is one process's."""
