@@ -107,3 +107,36 @@ def build_mesh(*, dp: int = 1, pp: int = 1, tp: int = 1, device_type: str | None
 def mesh_rank(*, dp_rank: int, pp_rank: int, tp_rank: int, pp: int, tp: int) -> int:
     """The global rank at grid coordinates (dp_rank, pp_rank, tp_rank): tp fastest, then pp, then dp."""
     return (dp_rank * pp + pp_rank) * tp + tp_rank
+
+
+# -----------------------------------------------------------------------------
+# Sharding tensors along a mesh axis (labs 04, 05, 09, 10)
+
+
+def shard_along(tensor: torch.Tensor, dim: int, *, index: int, num_shards: int, what: str = "tensor") -> torch.Tensor:
+    """Shard `index` of `num_shards` equal slices of `tensor` along `dim` (a contiguous copy, never a view).
+
+    Shard i holds elements [i * S, (i + 1) * S) of that dim, with S = size / num_shards: the layout a tensor-parallel
+    rank, or an expert-parallel rank, holds.
+
+    Raises:
+        ValueError: num_shards < 1, an index outside [0, num_shards), or a size num_shards does not divide (the
+            message names `what`, the size and num_shards).
+    """
+    if num_shards < 1 or not 0 <= index < num_shards:
+        raise ValueError(f"shard index ({index}) must be in [0, num_shards ({num_shards}))")
+    size = tensor.shape[dim]
+    if size % num_shards:
+        raise ValueError(f"{what}: size {size} along dim {dim} is not divisible by the number of shards ({num_shards})")
+    step = size // num_shards
+    return tensor.narrow(dim, index * step, step).clone(memory_format=torch.contiguous_format)
+
+
+def gather_along(tensor: torch.Tensor, dim: int, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The inverse of `shard_along` across `group`: every rank's shard, concatenated along `dim` in rank order.
+
+    A plain all-gather (no autograd): for checking and reporting, not for the forward of a model.
+    """
+    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, tensor.contiguous(), group=group)
+    return torch.cat(pieces, dim=dim)
