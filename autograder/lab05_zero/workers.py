@@ -204,6 +204,22 @@ def make_config(spec: dict):
     return ZeROConfig(**{**ADAMW, **spec.get("adamw", {}), **options})
 
 
+def launch(worker, *, world_size: int, args: tuple, timeout_s: float) -> list:
+    """common.launch.run_distributed, with a failing rank's own exception first in the message (then the whole
+    traceback), so that a scorecard line reads "rank 1 of 4 raised NotImplementedError: lab05: ...". A deadlock
+    raises run_distributed's DistributedTimeout, which names the ranks that did not finish."""
+    from common.launch import DistributedError, DistributedTimeout, run_distributed
+
+    try:
+        return run_distributed(worker, world_size=world_size, args=args, timeout_s=timeout_s)
+    except DistributedTimeout:
+        raise
+    except DistributedError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        headline = lines[0].removesuffix(":")
+        raise RuntimeError(f"{headline} {lines[-1]}\n{error}") from None
+
+
 # -----------------------------------------------------------------------------
 # Training a stage, with the instruments on
 
@@ -308,9 +324,7 @@ def ddp_training(info, spec: dict) -> dict:
 
 def train(specs: list[dict], world_size: int, timeout_s: float = 150.0) -> list[list[dict]]:
     """Producer: each spec trained on `world_size` ranks, all in one distributed run; [spec][rank] -> results."""
-    from common.launch import run_distributed
-
-    results = run_distributed(train_many, world_size=world_size, args=(specs,), timeout_s=timeout_s)
+    results = launch(train_many, world_size=world_size, args=(specs,), timeout_s=timeout_s)
     return [[results[rank][index] for rank in range(world_size)] for index in range(len(specs))]
 
 
@@ -345,24 +359,24 @@ def train_local(specs: list[dict], world_size: int) -> list[dict]:
 # Memory
 
 
-def memory_worker(info, cases: list[list]) -> dict:
-    """For each (stage, offload): bf16 in flight, one step; the submission's measure_memory, the test's count of
-    every live tensor byte before and after, and ZeRO-3's gathered bytes as the test sees them."""
+def memory_worker(info, cases: list[list], param_dtype: str = "bfloat16") -> dict:
+    """For each (stage, offload): `param_dtype` in flight, one step; the submission's measure_memory, the test's
+    count of every live tensor byte before and after, and ZeRO-3's gathered bytes as the test sees them."""
     out = {}
     for stage, offload in cases:
-        out[f"{stage}{'+offload' if offload else ''}"] = _memory_case(info, stage, offload)
+        out[f"{stage}{'+offload' if offload else ''}"] = _memory_case(info, stage, offload, DTYPES[param_dtype])
         gc.collect()  # the case's engine and model are gone before the next one counts its "before"
     return out
 
 
-def _memory_case(info, stage: int, offload: bool) -> dict:
+def _memory_case(info, stage: int, offload: bool, param_dtype: torch.dtype) -> dict:
     from lab05_zero.config import ZeROConfig, apply_zero
     from lab05_zero.memory import measure_memory
 
     batches = rank_microbatches(0, rank=info.rank, world_size=info.world_size, micro=1, seed=5)
     model = make_model(seed=5 + info.rank, dtype=torch.float32).to(info.device)
     before = live_tensor_bytes()
-    config = ZeROConfig(stage=stage, param_dtype=torch.bfloat16, offload=offload, **ADAMW)
+    config = ZeROConfig(stage=stage, param_dtype=param_dtype, offload=offload, **ADAMW)
     engine = apply_zero(model, config=config)
     gathered = []
     for block in model.blocks:
@@ -379,10 +393,10 @@ def _memory_case(info, stage: int, offload: bool) -> dict:
             "peak": int(getattr(engine, "peak_gathered_bytes", -1))}
 
 
-def measure(cases: list[list], world_size: int) -> dict:
+def measure(cases: list[list], world_size: int, param_dtype: str = "bfloat16") -> dict:
     """Producer: memory_worker as rank 0 of local_group(world_size) (memory does not depend on the values)."""
     with local_group(world_size) as info:
-        return memory_worker(info, cases)
+        return memory_worker(info, cases, param_dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -417,16 +431,13 @@ def checkpoint_worker(info, phase: dict) -> dict:
 
 def reshard(phases: list[dict], timeout_s: float = 150.0) -> list[list[dict]]:
     """Producer: each phase on its own world size, in order, sharing one checkpoint folder; [phase][rank]."""
-    from common.launch import run_distributed
-
     folder = tempfile.mkdtemp(prefix="lab05-ckpt-")
     results = []
     for index, phase in enumerate(phases):
         phase = dict(phase)
         phase["load"] = os.path.join(folder, f"phase{index - 1}") if index > 0 else None
         phase["save"] = os.path.join(folder, f"phase{index}") if index < len(phases) - 1 else None
-        results.append(run_distributed(checkpoint_worker, world_size=phase["world_size"], args=(phase,),
-                                       timeout_s=timeout_s))
+        results.append(launch(checkpoint_worker, world_size=phase["world_size"], args=(phase,), timeout_s=timeout_s))
     return results
 
 
@@ -533,6 +544,4 @@ def fsdp2_trajectory(info, trajectory, seed: int) -> dict:
 
 def peers(world_size: int, steps: int, seed: int, timeout_s: float = 240.0) -> list[dict]:
     """Producer: peer_worker on `world_size` ranks."""
-    from common.launch import run_distributed
-
-    return run_distributed(peer_worker, world_size=world_size, args=(steps, seed), timeout_s=timeout_s)
+    return launch(peer_worker, world_size=world_size, args=(steps, seed), timeout_s=timeout_s)

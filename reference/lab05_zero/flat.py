@@ -89,10 +89,10 @@ class FlatLayout:
         Raises:
             ValueError: world_size < 1.
         """
-        if world_size < 1:
-            raise ValueError(f"FlatLayout: world_size must be >= 1, got {world_size}")
         shapes = tuple(torch.Size(shape) for shape in shapes)
         # BEGIN SOLUTION
+        if world_size < 1:
+            raise ValueError(f"FlatLayout: world_size must be >= 1, got {world_size}")
         offsets, total = [], 0
         for shape in shapes:
             offsets.append(total)
@@ -108,9 +108,9 @@ class FlatLayout:
         Raises:
             ValueError: rank outside [0, world_size).
         """
+        # BEGIN SOLUTION
         if not 0 <= rank < self.world_size:
             raise ValueError(f"FlatLayout.shard_slice: rank must be in [0, {self.world_size}), got {rank}")
-        # BEGIN SOLUTION
         return slice(rank * self.shard_numel, (rank + 1) * self.shard_numel)
         # END SOLUTION
 
@@ -127,13 +127,13 @@ class FlatLayout:
         Raises:
             ValueError: a different number of tensors, or a shape that is not the layout's.
         """
+        # BEGIN SOLUTION
         if len(tensors) != len(self.shapes):
             raise ValueError(f"FlatLayout.flatten: expected {len(self.shapes)} tensors, got {len(tensors)}")
         for index, (tensor, shape) in enumerate(zip(tensors, self.shapes)):
             if tensor.shape != shape:
                 raise ValueError(f"FlatLayout.flatten: tensor {index} has shape {tuple(tensor.shape)}, "
                                  f"the layout says {tuple(shape)}")
-        # BEGIN SOLUTION
         dtype = dtype or (tensors[0].dtype if tensors else torch.float32)
         device = tensors[0].device if tensors else None
         flat = torch.zeros(self.padded_numel, dtype=dtype, device=device)  # the padding stays zero
@@ -148,10 +148,10 @@ class FlatLayout:
         Raises:
             ValueError: flat is not 1-D with padded_numel elements.
         """
+        # BEGIN SOLUTION
         if flat.dim() != 1 or flat.numel() != self.padded_numel:
             raise ValueError(f"FlatLayout.views: expected a flat ({self.padded_numel},) tensor, "
                              f"got shape {tuple(flat.shape)}")
-        # BEGIN SOLUTION
         return [flat[offset: offset + math.prod(shape)].view(shape) for offset, shape in zip(self.offsets, self.shapes)]
         # END SOLUTION
 

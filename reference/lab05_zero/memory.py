@@ -72,13 +72,13 @@ def zero_formula(stage: int, num_params: int, world_size: int, *, param_bytes: i
     Raises:
         ValueError: a stage outside 0-3, num_params < 0, world_size < 1, or offload at stage 0.
     """
+    # BEGIN SOLUTION
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_formula: stage must be 0, 1, 2 or 3, got {stage}")
     if num_params < 0 or world_size < 1:
         raise ValueError(f"zero_formula: need num_params >= 0 and world_size >= 1, got {num_params} and {world_size}")
     if offload and stage == 0:
         raise ValueError("zero_formula: offload needs the optimizer state partitioned (stage >= 1)")
-    # BEGIN SOLUTION
     per_rank = num_params / world_size
     params = param_bytes * (per_rank if stage >= 3 else num_params)
     grads = grad_bytes * (per_rank if stage >= 2 else num_params)
