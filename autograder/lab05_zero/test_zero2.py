@@ -16,7 +16,8 @@ REDUCE_SCATTERS = ("reduce_scatter_single", "reduce_scatter_tensor", "reduce_sca
 def test_gradients_reduce_scattered_during_backward(student):
     """As rank 0 of four (torch's fake process group: the shapes, hooks and calls of a real run): each backward
     calls one reduce-scatter per unit and no all-reduce, the first before backward has produced its last gradient,
-    and no parameter keeps a .grad afterwards; the event log names the units in backward order."""
+    and no parameter keeps a .grad afterwards; the event log has every gradient, and each unit's reduce-scatter,
+    in backward order, waited for before the next is launched."""
     from autograder.lab05_zero.workers import train_local
 
     spec = {"config": {"stage": 2, "record_events": True}, "steps": 2, "micro": 2, "seed": 31}
@@ -35,9 +36,16 @@ def test_gradients_reduce_scattered_during_backward(student):
         assert got["grads_left"][index] == [], (
             f"after backward {index + 1} these parameters still hold a .grad: {got['grads_left'][index][:4]}; "
             "ZeRO-2 keeps only the rank's gradient shard")
-    launched = [detail for kind, detail in got["events"] if kind == "reduce_scatter"]
-    assert launched[:4] == units, (f"ZeRO2.events: the reduce-scatters of one backward should be launched for "
-                                   f"{units} in that order, got {launched[:4]}")
+    events = got["events"]
+    ready = sum(kind == "grad_ready" for kind, _ in events)
+    assert ready == 4 * got["num_trainable"], (
+        f"ZeRO2.events: {ready} 'grad_ready' entries in four backward passes, expected one per trainable parameter "
+        f"per backward ({4 * got['num_trainable']})")
+    flow = [(kind, detail) for kind, detail in events if kind in ("reduce_scatter", "wait")]
+    want = [(kind, unit) for unit in units for kind in ("reduce_scatter", "wait")] * 4
+    assert flow == want, (
+        f"ZeRO2.events: each unit's reduce-scatter is launched in the order {units} and waited for (its staging "
+        f"buffer freed) before the next one is launched; got {flow[:8]} ...")
 
 
 @pytest.mark.points(6)

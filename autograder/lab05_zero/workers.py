@@ -36,11 +36,15 @@ TRACED = ("all_reduce", "reduce_scatter_single", "reduce_scatter_tensor", "reduc
 # The model and the data (grader and workers build the same ones from the same seeds)
 
 
-def make_model(*, seed: int, dtype: torch.dtype = torch.float64, num_layers: int = 3) -> Transformer:
+def make_model(*, seed: int, dtype: torch.dtype = torch.float64, num_layers: int = 3,
+               unused: bool = False) -> Transformer:
     """The tiny decoder with a tied embedding, a frozen norm weight (random, so a wrong update would show) and an
-    up-projection with a 41-element bias in block 1 (an odd size: no world size > 1 divides that unit)."""
+    up-projection with a 41-element bias in block 1 (an odd size: no world size > 1 divides that unit). `unused`
+    adds a parameter to the last block that no forward uses (it never gets a gradient)."""
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.preset("tiny", **{**MODEL, "num_layers": num_layers}))
+    if unused:
+        model.blocks[-1].unused_proj = nn.Linear(MODEL["width"], 3, bias=False)
     model.blocks[min(1, num_layers - 1)].mlp.up_proj = nn.Linear(MODEL["width"], MODEL["ffn_width"], bias=True)
     frozen = model.blocks[0].attn_norm.weight
     frozen.requires_grad_(False)
@@ -89,15 +93,15 @@ def probe_tokens(seed: int) -> torch.Tensor:
 
 
 def expected_training(*, steps: int, world_size: int, micro: int, seed: int, adamw: dict | None = None,
-                      dtype: torch.dtype = torch.float64, num_layers: int = 3) -> dict:
+                      dtype: torch.dtype = torch.float64, num_layers: int = 3, unused: bool = False) -> dict:
     """Rank 0's initial model trained on every rank's micro-batches: the loss of each step is the mean over ranks and
     micro-batches (DDP's average of gradients), AdamW over the trainable parameters.
 
     Returns:
         {"params": name -> tensor (tied names both present), "losses": [float per step], "logits": probe logits}.
     """
-    model = make_model(seed=seed, dtype=dtype, num_layers=num_layers)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **(adamw or ADAMW))
+    model = make_model(seed=seed, dtype=dtype, num_layers=num_layers, unused=unused)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **{**ADAMW, **(adamw or {})})
     losses = []
     for step in range(steps):
         total = 0.0
@@ -234,7 +238,8 @@ def train_worker(info, spec: dict) -> dict:
 
     rank, world = info.rank, info.world_size
     steps, micro, seed = spec["steps"], spec["micro"], spec["seed"]
-    model = make_model(seed=seed + rank, dtype=DTYPES[spec.get("model_dtype", "float64")]).to(info.device)
+    model = make_model(seed=seed + rank, dtype=DTYPES[spec.get("model_dtype", "float64")],
+                       unused=spec.get("unused", False)).to(info.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     counter = [0]
     out: dict = {"snapshots": [], "receive_calls": [], "grads_left": [], "dtypes": {}}
@@ -274,6 +279,7 @@ def train_worker(info, spec: dict) -> dict:
                              "grad": str(trainable[0].grad.dtype) if trainable[0].grad is not None else ""}
         engine.step()
         out["snapshots"].append(("after_step", "", allocated_units(model)))
+        total = total.to(info.device)  # NCCL reduces device tensors only
         dist.all_reduce(total)
         losses.append(float(total) / world)
     out["snapshots"] = [s for s in out["snapshots"] if s[0] != "backward" or spec.get("backward_snapshots")]
@@ -333,25 +339,28 @@ def train_many(info, specs: list[dict]) -> list[dict]:
 
 
 @contextlib.contextmanager
-def local_group(world_size: int):
-    """This process as rank 0 of a group of `world_size`, without spawning: a real gloo group of one, or torch's fake
-    process group for world_size > 1 (its collectives do nothing, so values are meaningless but every shape, storage
-    and hook is what rank 0 of a real run has)."""
+def local_group(world_size: int, *, cuda: bool = False):
+    """This process as rank 0 of a group of `world_size`, without spawning: a real group of one (gloo, or NCCL on
+    GPU 0 when `cuda`), or torch's fake process group for world_size > 1 (its collectives do nothing, so values are
+    meaningless but every shape, storage and hook is what rank 0 of a real run has)."""
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if world_size == 1:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     else:
         from torch.testing._internal.distributed.fake_pg import FakeStore
 
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
-        yield DistInfo(rank=0, local_rank=0, world_size=world_size, backend="gloo", device=torch.device("cpu"))
+        yield DistInfo(rank=0, local_rank=0, world_size=world_size, backend="nccl" if cuda else "gloo", device=device)
     finally:
         dist.destroy_process_group()
 
 
-def train_local(specs: list[dict], world_size: int) -> list[dict]:
+def train_local(specs: list[dict], world_size: int, cuda: bool = False) -> list[dict]:
     """Producer: train_worker for each spec in this process, as rank 0 of local_group(world_size)."""
-    with local_group(world_size) as info:
+    with local_group(world_size, cuda=cuda) as info:
         return [train_worker(info, spec) for spec in specs]
 
 
@@ -454,8 +463,9 @@ def check_training(results: list[dict], want: dict, *, name: str, inputs: str, d
         where = f"{inputs}, rank={rank}"
         check_close(torch.tensor(got["losses"], dtype=torch.float64), torch.tensor(want["losses"], dtype=torch.float64),
                     name=f"{name}: loss of each step (mean over ranks)", inputs=where, dtype=dtype)
-        check_all_close(got["params"], want["params"], name=f"{name}: parameters after training, as the model "
-                        "sees them in a forward", inputs=where, dtype=dtype)
+        used = {key: value for key, value in want["params"].items() if "unused" not in key}  # no forward sees it
+        check_all_close(got["params"], used, name=f"{name}: parameters after training, as the model sees them in a "
+                        "forward", inputs=where, dtype=dtype)
         check_close(got["logits"], want["logits"], name=f"{name}: logits of a no-grad forward after training",
                     inputs=where, dtype=dtype)
         if masters:

@@ -68,23 +68,12 @@ class OffloadAdamW:
         return torch.empty(tensor.shape, dtype=dtype, device="cpu", pin_memory=self.pin)
 
     def receive(self, index: int, grad: torch.Tensor) -> None:
-        """Start copying unit `index`'s (S,) gradient shard to the host (asynchronously on a GPU)."""
+        """Start copying unit `index`'s (S,) gradient shard to the host (asynchronously on a GPU, see copy_to_host),
+        and remember how to wait for it."""
         if self.host_grads[index] is None:
             self.host_grads[index] = self._host_like(grad, grad.dtype)
-        host = self.host_grads[index]
         # BEGIN SOLUTION
-        if self.copy_stream is None:
-            host.copy_(grad)
-            self._copied[index] = True
-            return
-        # the copy must see the gradient as the default stream left it, and the gradient must outlive the copy
-        self.copy_stream.wait_stream(torch.cuda.current_stream(grad.device))
-        with torch.cuda.stream(self.copy_stream):
-            host.copy_(grad, non_blocking=True)
-            grad.record_stream(self.copy_stream)
-            done = torch.cuda.Event()
-            done.record(self.copy_stream)
-        self._copied[index] = done
+        self._copied[index] = copy_to_host(self.host_grads[index], grad, self.copy_stream)
         # END SOLUTION
 
     def step(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -96,8 +85,7 @@ class OffloadAdamW:
             if self._copied[index] is None:
                 self.receive(index, grad)
         for index, copied in enumerate(self._copied):
-            if isinstance(copied, torch.cuda.Event):
-                copied.synchronize()  # the host buffer holds the gradient from here on
+            wait_for_copy(copied)  # the host buffer holds the gradient from here on
             grad = self.host_grads[index].to(self.masters[index].dtype)  # fp32 math on the CPU
             adamw_step(self.masters[index], grad, self.exp_avg[index], self.exp_avg_sq[index],
                        step=self.step_count, config=self.config)
@@ -108,3 +96,30 @@ class OffloadAdamW:
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor of the optimizer state (host memory)."""
         return [*self.masters, *self.exp_avg, *self.exp_avg_sq]
+
+
+# -----------------------------------------------------------------------------
+# Copies between the device and the host
+
+
+def copy_to_host(host: torch.Tensor, grad: torch.Tensor, stream: "torch.cuda.Stream | None"):
+    """Copy `grad` into the host buffer: on `stream` and asynchronously when there is one (returns the CUDA event
+    that marks the copy done), plainly otherwise (returns True)."""
+    if stream is None:
+        host.copy_(grad)
+        return True
+    # the copy must see the gradient as the default stream left it, and the gradient must outlive the copy
+    stream.wait_stream(torch.cuda.current_stream(grad.device))
+    with torch.cuda.stream(stream):
+        host.copy_(grad, non_blocking=True)
+        grad.record_stream(stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return done
+
+
+def wait_for_copy(copied) -> None:
+    """Block until a copy_to_host has landed (a no-op for a plain copy)."""
+    if isinstance(copied, torch.cuda.Event):
+        copied.synchronize()
+

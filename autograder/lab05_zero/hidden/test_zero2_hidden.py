@@ -1,4 +1,4 @@
-"""Lab 05 hidden tests (ZeRO-2): three ranks, three micro-batches, the whole model as one unit."""
+"""Lab 05 hidden tests (ZeRO-2): a unit whose gradients never all arrive; three ranks; the whole model as one unit."""
 
 import pytest
 
@@ -7,14 +7,28 @@ from common.testing import describe
 
 @pytest.mark.points(2)
 @pytest.mark.time_limit(240)
-def test_zero2_one_unit_three_ranks(student):
-    """units=[] (one root unit, one reduce-scatter per backward), three ranks, three micro-batches a step."""
+def test_zero2_unit_with_an_unused_parameter(student):
+    """The last block (the first unit to reduce) holds a parameter no forward uses: its reduce-scatter, and every
+    later one, waits for the end of backward, where the missing gradient counts as zeros. Three ranks, three
+    micro-batches a step, no weight decay (an unused parameter then stays as it is, as torch's AdamW leaves it)."""
     from autograder.lab05_zero.workers import check_training, expected_training, train
 
-    spec = {"config": {"stage": 2}, "steps": 2, "micro": 3, "seed": 42, "units": "none"}
+    adamw = {"weight_decay": 0.0}
+    spec = {"config": {"stage": 2}, "adamw": adamw, "steps": 2, "micro": 3, "seed": 42, "unused": True}
     results = student.run(train, [spec], 3, timeout_s=200)[0]
-    want = expected_training(steps=2, world_size=3, micro=3, seed=42)
-    check_training(results, want, name="ZeRO2", inputs=describe(stage=2, world_size=3, micro_batches=3, units=[]))
-    for rank, got in enumerate(results):
-        counts = [sum("reduce_scatter" in name for name, _ in calls) for calls in got["traces"]]
-        assert counts == [1] * 6, f"one unit: one reduce-scatter per backward, got {counts} (rank {rank})"
+    want = expected_training(steps=2, world_size=3, micro=3, seed=42, adamw=adamw, unused=True)
+    check_training(results, want, name="ZeRO2", inputs=describe(stage=2, world_size=3, micro_batches=3,
+                                                                unused_parameter=True))
+
+
+@pytest.mark.points(1)
+@pytest.mark.time_limit(90)
+def test_zero2_whole_model_as_one_unit(student):
+    """units=[] (as rank 0 of four): one reduce-scatter per backward, of the one root unit."""
+    from autograder.lab05_zero.workers import train_local
+
+    spec = {"config": {"stage": 2}, "steps": 1, "micro": 3, "seed": 48, "units": "none"}
+    got = student.run(train_local, [spec], 4)[0]
+    counts = [sum("reduce_scatter" in name for name, _ in calls) for calls in got["traces"]]
+    assert counts == [1, 1, 1], f"one unit: one reduce-scatter per backward, got {counts}"
+    assert all(not names for names in got["grads_left"]), "parameters kept a .grad after backward"
