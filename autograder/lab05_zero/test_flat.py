@@ -48,7 +48,8 @@ def flatten_and_view(shapes: list, world_size: int, dtype: str, seed: int) -> di
     views = layout.views(flat)
     before = [v.clone() for v in views]
     flat.mul_(-3)
-    return {"flat": flat.clone(), "views_before": before, "views_after": [v.clone() for v in views],
+    mixed = layout.flatten([t.double() if i == 0 else t for i, t in enumerate(tensors)])  # dtype of the first
+    return {"flat": flat.clone(), "mixed_dtype": str(mixed.dtype), "views_before": before, "views_after": [v.clone() for v in views],
             "shapes": [tuple(v.shape) for v in views],
             "shared": all(v.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for v in views),
             "inputs_kept": all(torch.equal(t, _tensor(s, seed + i))
@@ -71,6 +72,8 @@ def layout_error(case: str) -> None:
         layout.flatten([torch.ones(2, 3), torch.ones(5)])
     if case == "views":
         layout.views(torch.ones(11))
+    if case == "views_2d":
+        layout.views(torch.ones(3, 4))  # the right number of elements, but not flat
 
 
 def shard_module_facts(world_size: int, param_dtype: str | None, units: str = "blocks") -> dict:
@@ -167,14 +170,17 @@ def test_flatten_and_views_share_storage(student, dtype):
                     "to the buffer: views must share its storage)", inputs=inputs, dtype="float64")
     assert got["shared"], f"FlatLayout.views must return views of the flat buffer, not copies ({inputs})"
     assert got["inputs_kept"], f"FlatLayout.flatten must not modify the tensors it is given ({inputs})"
+    assert got["mixed_dtype"] == "torch.float64", (
+        f"FlatLayout.flatten without a dtype: the first tensor's (float64), got {got['mixed_dtype']} ({inputs})")
 
 
 @pytest.mark.points(1)
 @pytest.mark.parametrize("case, match", [("world_size", "world_size"), ("rank", "rank"), ("negative_rank", "rank"),
-                                         ("count", "tensors"), ("shape", "shape"), ("views", "flat")])
+                                         ("count", "tensors"), ("shape", "shape"), ("views", "flat"),
+                                         ("views_2d", "flat")])
 def test_layout_errors(student, case, match):
     """A world size < 1, a rank outside [0, N), the wrong number or shape of tensors and a buffer of the wrong size
-    each raise ValueError."""
+    or not 1-D each raise ValueError."""
     with pytest.raises(ValueError, match=match):
         student.run(layout_error, case)
 

@@ -249,6 +249,7 @@ def train_worker(info, spec: dict) -> dict:
                 counter[0] += 1
                 out["snapshots"].append(("backward", name, allocated_units(model)))
             param.register_post_accumulate_grad_hook(seen)
+    units = {"none": lambda: [], "unused-first": lambda: [model.blocks[-1].unused_proj, *model.blocks]}
     if spec.get("offload_trace"):
         from lab05_zero import offload
 
@@ -258,7 +259,7 @@ def train_worker(info, spec: dict) -> dict:
             out["receive_calls"].append(counter[0])
             return _original(self, index, grad)
         offload.OffloadAdamW.receive = receive
-    engine = apply_zero(model, config=make_config(spec), units=[] if spec.get("units") == "none" else None)
+    engine = apply_zero(model, config=make_config(spec), units=units[spec["units"]]() if "units" in spec else None)
     for index, block in enumerate(model.blocks):  # after the engine's pre-hooks: they have gathered by now
         block.register_forward_pre_hook(
             lambda m, a, index=index: out["snapshots"].append(("forward", f"blocks.{index}", allocated_units(model))))
@@ -271,6 +272,7 @@ def train_worker(info, spec: dict) -> dict:
                 loss = engine.loss(tokens.to(info.device), targets.to(info.device)) / micro
                 loss.backward()
             traces.append(trace.calls)
+            out.setdefault("event_marks", []).append(len(getattr(engine, "events", [])))
             total += loss.detach().double().cpu()
             out["grads_left"].append(sorted(n for n, p in model.named_parameters() if p.grad is not None
                                             and p.grad.untyped_storage().nbytes() > 0))

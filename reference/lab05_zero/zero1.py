@@ -168,7 +168,6 @@ class ZeRO1(nn.Module):
             flat_group.shard.copy_(master)  # cast to the in-flight dtype (and, offloaded, to the device)
             all_gather_flat(flat_group.full, flat_group.shard.clone(), group=self.group)
             flat_group.grad.zero_()
-            self._log("all_gather", flat_group.name)
         # END SOLUTION
 
     def _log(self, kind: str, detail: str) -> None:

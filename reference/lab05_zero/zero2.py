@@ -225,7 +225,6 @@ class ZeRO2(nn.Module):
             flat_group.shard.copy_(master)
             all_gather_flat(flat_group.full, flat_group.shard.clone(), group=self.group)
             flat_group.grad.zero_()
-            self._log("all_gather", flat_group.name)
         # END SOLUTION
 
     def _log(self, kind: str, detail: str) -> None:

@@ -8,13 +8,14 @@ from common.testing import describe
 @pytest.mark.points(2)
 @pytest.mark.time_limit(240)
 def test_zero2_unit_with_an_unused_parameter(student):
-    """The last block (the first unit to reduce) holds a parameter no forward uses: its reduce-scatter, and every
-    later one, waits for the end of backward, where the missing gradient counts as zeros. Three ranks, three
+    """The last block holds a parameter no forward uses, in a unit of its own (the last to reduce before root):
+    that unit gets no gradient at all and is reduced as zeros at the end of backward. Three ranks, three
     micro-batches a step, no weight decay (an unused parameter then stays as it is, as torch's AdamW leaves it)."""
     from autograder.lab05_zero.workers import check_training, expected_training, train
 
     adamw = {"weight_decay": 0.0}
-    spec = {"config": {"stage": 2}, "adamw": adamw, "steps": 2, "micro": 3, "seed": 42, "unused": True}
+    spec = {"config": {"stage": 2}, "adamw": adamw, "steps": 2, "micro": 3, "seed": 42, "unused": True,
+            "units": "unused-first"}
     results = student.run(train, [spec], 3, timeout_s=200)[0]
     want = expected_training(steps=2, world_size=3, micro=3, seed=42, adamw=adamw, unused=True)
     check_training(results, want, name="ZeRO2", inputs=describe(stage=2, world_size=3, micro_batches=3,
