@@ -49,7 +49,8 @@ def flatten_and_view(shapes: list, world_size: int, dtype: str, seed: int) -> di
     before = [v.clone() for v in views]
     flat.mul_(-3)
     mixed = layout.flatten([t.double() if i == 0 else t for i, t in enumerate(tensors)])  # dtype of the first
-    return {"flat": flat.clone(), "mixed_dtype": str(mixed.dtype), "views_before": before, "views_after": [v.clone() for v in views],
+    return {"flat": flat.clone(), "mixed_dtype": str(mixed.dtype), "views_before": before,
+            "views_after": [v.clone() for v in views],
             "shapes": [tuple(v.shape) for v in views],
             "shared": all(v.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for v in views),
             "inputs_kept": all(torch.equal(t, _tensor(s, seed + i))

@@ -482,7 +482,7 @@ def check_training(results: list[dict], want: dict, *, name: str, inputs: str, d
 # Peers: DeepSpeed ZeRO 1-3 and FSDP2, next to the submission's stages, in the same ranks
 
 
-def peer_worker(info, steps: int, seed: int) -> dict:
+def peer_worker(info, steps: int, seed: int, with_deepspeed: bool = True) -> dict:
     """Loss trajectories (mean over ranks) of the submission's stages 1-3, DeepSpeed's stages 1-3 (torch's AdamW,
     no op built) and FSDP2's fully_shard (one unit per block), all fp32 on the same data."""
     from lab05_zero.config import ZeROConfig, apply_zero
@@ -506,7 +506,8 @@ def peer_worker(info, steps: int, seed: int) -> dict:
         engine = apply_zero(make_model(seed=seed + rank, dtype=torch.float32).to(info.device),
                             config=ZeROConfig(stage=stage, **ADAMW))
         out[f"ours ZeRO-{stage}"] = trajectory(engine.loss, lambda loss: loss.backward(), engine.step)
-    out.update(deepspeed_trajectories(info, trajectory, seed))
+    if with_deepspeed:
+        out.update(deepspeed_trajectories(info, trajectory, seed))
     out.update(fsdp2_trajectory(info, trajectory, seed))
     return out
 
@@ -554,6 +555,6 @@ def fsdp2_trajectory(info, trajectory, seed: int) -> dict:
     return {"FSDP2 fully_shard": trajectory(model.loss, lambda loss: loss.backward(), step)}
 
 
-def peers(world_size: int, steps: int, seed: int, timeout_s: float = 240.0) -> list[dict]:
+def peers(world_size: int, steps: int, seed: int, with_deepspeed: bool = True, timeout_s: float = 240.0) -> list[dict]:
     """Producer: peer_worker on `world_size` ranks."""
-    return launch(peer_worker, world_size=world_size, args=(steps, seed), timeout_s=timeout_s)
+    return launch(peer_worker, world_size=world_size, args=(steps, seed, with_deepspeed), timeout_s=timeout_s)

@@ -51,7 +51,8 @@ class ZeROConfig:
         if self.stage not in (1, 2, 3):
             raise ValueError(f"ZeROConfig.stage must be 1, 2 or 3, got {self.stage}")
         if self.param_dtype is not None and self.param_dtype not in IN_FLIGHT_DTYPES:
-            raise ValueError(f"ZeROConfig.param_dtype must be one of {IN_FLIGHT_DTYPES} or None, got {self.param_dtype}")
+            raise ValueError(f"ZeROConfig.param_dtype must be one of {IN_FLIGHT_DTYPES} or None, "
+                             f"got {self.param_dtype}")
         if not self.lr > 0:
             raise ValueError(f"ZeROConfig.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):

@@ -67,19 +67,19 @@ def memory_per_rank(world_sizes: list[int], *, config: ModelConfig, stages=(1, 2
 
 
 def gather_timeline(*, config: ModelConfig, world_size: int = 4, prefetch: bool = True) -> list[tuple[str, int]]:
-    """(event, gathered bytes) at each unit's forward, each backward gradient and the end of a ZeRO-3 step."""
+    """(event, gathered bytes) as each block's forward starts, at each block's first gradient in backward, and at the
+    end of a ZeRO-3 step."""
     timeline: list[tuple[str, int]] = []
     with fake_rank_zero(world_size):
         torch.manual_seed(0)
         model = Transformer(config)
         engine = apply_zero(model, config=ZeROConfig(stage=3, param_dtype=torch.bfloat16, prefetch=prefetch))
-        for index, block in enumerate(model.blocks):
-            block.register_forward_hook(
-                lambda m, a, o, index=index: timeline.append((f"fwd {index}", engine.gathered_bytes)))
-        for name, param in model.named_parameters():
-            if name.startswith("blocks") and name.endswith("attn_norm.weight"):
-                param.register_post_accumulate_grad_hook(
-                    lambda p, name=name: timeline.append((f"bwd {name.split('.')[1]}", engine.gathered_bytes)))
+        for index, block in enumerate(model.blocks):  # registered after the engine's hooks: gathered by now
+            block.register_forward_pre_hook(
+                lambda m, a, index=index: timeline.append((f"fwd {index}", engine.gathered_bytes)))
+            # the block's first gradient in backward (its last matmul in forward)
+            block.mlp.down_proj.weight.register_post_accumulate_grad_hook(
+                lambda p, index=index: timeline.append((f"bwd {index}", engine.gathered_bytes)))
         tokens, targets = _batch(config, seed=1)
         engine.loss(tokens, targets).backward()
         timeline.append(("after backward", engine.gathered_bytes))

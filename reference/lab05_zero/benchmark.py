@@ -55,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--offload", action="store_true", help="the one-GPU offload measurement instead")
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long CPU check (tiny sizes, meaningless figures)")
+    parser.add_argument("--smoke", action="store_true", help="a short CPU check (tiny sizes, meaningless figures)")
     parser.add_argument("--preset", default="gpt2")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=1024)
