@@ -263,7 +263,8 @@ def measure_memory(model: nn.Module, input_ids: torch.Tensor, *, lr: float = 1e-
 
     weights: every parameter (NF4 ones at their packed size). activations: distinct storages autograd saves in the
     forward, parameters and quantized weights left out. gradients: every .grad after backward. optimizer: Adam's two
-    moments per trainable parameter after one torch.optim.AdamW step. The model's weights change (one step).
+    moments per trainable parameter after one torch.optim.AdamW step. The model's weights change (one step); its
+    gradients are set to None again.
     """
     parameters = list(model.parameters())
     weights = sum(nf4_bytes(p) if is_nf4(p) else p.numel() * p.element_size() for p in parameters)
@@ -289,4 +290,5 @@ def measure_memory(model: nn.Module, input_ids: torch.Tensor, *, lr: float = 1e-
     optimizer.step()
     moments = sum(state[key].numel() * state[key].element_size()
                   for state in optimizer.state.values() for key in ("exp_avg", "exp_avg_sq"))
+    model.zero_grad(set_to_none=True)
     return MemoryBreakdown(weights=weights, gradients=gradients, optimizer=moments, activations=saved)
