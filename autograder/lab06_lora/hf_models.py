@@ -69,12 +69,12 @@ def peft_layers(peft_model) -> dict:
             if isinstance(module, LoraLayer)}
 
 
-def set_peft_adapters(peft_model, *, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def set_peft_adapters(peft_model, *, seed: int, scale: float = 0.3) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Give every LoRA layer of a peft model seeded (A, B) values; returns them."""
     layers = peft_layers(peft_model)
     shapes = {n: (tuple(m.lora_A["default"].weight.shape), tuple(m.lora_B["default"].weight.shape))
               for n, m in layers.items()}
-    values = adapter_values(shapes, seed=seed)
+    values = adapter_values(shapes, seed=seed, scale=scale)
     with torch.no_grad():
         for name, (a, b) in values.items():
             layers[name].lora_A["default"].weight.copy_(a)
