@@ -90,20 +90,21 @@ class LoRAConfig:
 
 def lora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                  lora_B: torch.Tensor, scaling: float, x_adapter: torch.Tensor | None = None) -> torch.Tensor:
-    """h = x W0^T + b + s (x' A^T) B^T, with x' = x_adapter (the dropped-out input) or x.
+    """h = x W0^T + b + s (x' A^T) B^T, with x' = x_adapter (the dropped-out input, already in A's dtype) or x.
 
     Args:
         x: (..., K) input.
-        weight: (N, K) frozen base weight W0.  bias: (N,) or None.
+        weight: (N, K) frozen base weight W0 (an NF4 weight works too: F.linear dequantizes it).  bias: (N,) or None.
         lora_A: (r, K).  lora_B: (N, r).  scaling: s.
-        x_adapter: (..., K) input of the adapter path (dropout(x)), or None for x itself.
+        x_adapter: (..., K) input of the adapter path, or None for x itself.
 
     Returns:
-        (..., N), in the dtype of x.
+        (..., N), in the dtype of the base path x W0^T + b (the adapter path is cast to it, as peft does).
     """
     # BEGIN SOLUTION
-    x_adapter = x if x_adapter is None else x_adapter
-    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_adapter, lora_A), lora_B)
+    base = F.linear(x, weight, bias)
+    adapter = F.linear(F.linear(x if x_adapter is None else x_adapter, lora_A), lora_B)
+    return (base + scaling * adapter).to(base.dtype)
     # END SOLUTION
 
 
@@ -172,9 +173,9 @@ class LoRALinear(nn.Module):
             y = LoRAFunction.apply(x.reshape(-1, K), None if x_adapter is None else x_adapter.reshape(-1, K),
                                    weight, bias, A, B, self.scaling)
             return y.reshape(*x.shape[:-1], self.out_features)
-        base = self.base_layer(x)  # an NF4 weight dequantizes inside torchao's linear, which keeps no dense copy
+        # Eq. 3 by autograd; an NF4 weight dequantizes inside torchao's linear, which keeps no dense copy
         adapter_input = (x if x_adapter is None else x_adapter).to(A.dtype)
-        return (base + self.scaling * F.linear(F.linear(adapter_input, A), B)).to(base.dtype)
+        return lora_forward(x, weight, bias, A, B, self.scaling, x_adapter=adapter_input)
         # END SOLUTION
 
     @torch.no_grad()

@@ -98,10 +98,10 @@ def quantize_nf4_weight(weight: torch.Tensor, *, config: NF4Config) -> nn.Parame
     """
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
+    # BEGIN SOLUTION
     if weight.dim() != 2 or not weight.is_floating_point():
         raise TypeError(f"quantize_nf4_weight: expected a 2-D floating-point weight, got {tuple(weight.shape)} "
                         f"{weight.dtype}")
-    # BEGIN SOLUTION
     N, K = weight.shape
     if K % config.block_size:
         raise ValueError(f"quantize_nf4_weight: in_features ({K}) must be a multiple of block_size "
