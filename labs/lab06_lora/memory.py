@@ -196,8 +196,40 @@ def activation_bytes(shape: LlamaShape, *, batch_size: int, seq_len: int, config
     b = torch.empty(0, dtype=dtype).element_size()
     C, F, H, V = shape.hidden_size, shape.intermediate_size, shape.num_heads, shape.vocab_size
     G, L = shape.num_kv_heads * shape.head_dim, shape.num_layers
+    full = config is None
+    if not full and not set(adapted_linears(config.target_modules)) & {"q_proj", "k_proj", "v_proj"}:
+        raise ValueError("the activation model needs adapters on q_proj, k_proj or v_proj")
+    kept, adapters, first_layer_saving = adapter_activation_terms(shape, config, dtype=dtype, device=device)
+    norm_internal = 4 * C + 4 + (b * C if full else 0)  # fp32 input and 1/rms (+ the normalised input)
+    layer = 2 * norm_internal + b * C * (bool(kept & {"q_proj", "k_proj", "v_proj"}) + bool(kept & {"gate_proj",
+                                                                                                   "up_proj"}))
+    layer += b * (2 * C + 2 * G) + 4 * H + 3 * b * F + (b * F if "down_proj" in kept else 0) + adapters
+    per_token = L * layer - first_layer_saving
+    per_token += (8 if full else 0) + norm_internal + (b * C if full else 0) + 4 * V + 8  # ids, final norm, loss
+    return batch_size * seq_len * per_token + 2 * seq_len * shape.head_dim * b + 4  # RoPE's cos and sin, normaliser
+
+
+def adapter_activation_terms(shape: LlamaShape, config: LoRAConfig | None, *, dtype: torch.dtype,
+                             device: str = "cuda") -> tuple[set[str], int, int]:
+    """What the adapters change in a layer's saved activations, per token.
+
+    Returns:
+        kept: the layer's linears (names in LAYER_LINEARS) whose input is saved as it is, by a trained weight or an
+            adapter without its own copy (full fine-tuning: all seven).
+        adapter_bytes: bytes the adapters themselves save per token in one layer: h = x A^T for each (b_a r), and
+            for each adapter with its own copy of the input (dropout, or b_a != b), that copy (b_a K) and with
+            dropout the mask (m K; m = 1 on CUDA, b on CPU).
+        first_layer_saving: bytes per token the first layer saves less when the embeddings are frozen: its first
+            norm's 4 C + 4, and with dropout the masks of its q/k/v adapters (m C each).
+    """
+    if config is None:
+        return set(LAYER_LINEARS), 0, 0
+    b = torch.empty(0, dtype=dtype).element_size()
+    b_adapter = torch.empty(0, dtype=config.adapter_dtype or dtype).element_size()
+    adapted = adapted_linears(config.target_modules)
+    in_features = {name: k for name, (k, _) in linear_shapes(shape).items()}
     # TODO (lab06): your code here
-    raise NotImplementedError("lab06: activation_bytes is not implemented yet (lab06_lora/memory.py)")
+    raise NotImplementedError("lab06: adapter_activation_terms is not implemented yet (lab06_lora/memory.py)")
 
 
 # -----------------------------------------------------------------------------

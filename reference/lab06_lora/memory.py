@@ -220,37 +220,49 @@ def activation_bytes(shape: LlamaShape, *, batch_size: int, seq_len: int, config
     b = torch.empty(0, dtype=dtype).element_size()
     C, F, H, V = shape.hidden_size, shape.intermediate_size, shape.num_heads, shape.vocab_size
     G, L = shape.num_kv_heads * shape.head_dim, shape.num_layers
-    # BEGIN SOLUTION
     full = config is None
-    adapted = set(LAYER_LINEARS) if full else set(adapted_linears(config.target_modules))
-    qkv, gate_up = {"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}
-    if not adapted & qkv:
+    if not full and not set(adapted_linears(config.target_modules)) & {"q_proj", "k_proj", "v_proj"}:
         raise ValueError("the activation model needs adapters on q_proj, k_proj or v_proj")
-    dropout = not full and config.dropout > 0
+    kept, adapters, first_layer_saving = adapter_activation_terms(shape, config, dtype=dtype, device=device)
+    norm_internal = 4 * C + 4 + (b * C if full else 0)  # fp32 input and 1/rms (+ the normalised input)
+    layer = 2 * norm_internal + b * C * (bool(kept & {"q_proj", "k_proj", "v_proj"}) + bool(kept & {"gate_proj",
+                                                                                                   "up_proj"}))
+    layer += b * (2 * C + 2 * G) + 4 * H + 3 * b * F + (b * F if "down_proj" in kept else 0) + adapters
+    per_token = L * layer - first_layer_saving
+    per_token += (8 if full else 0) + norm_internal + (b * C if full else 0) + 4 * V + 8  # ids, final norm, loss
+    return batch_size * seq_len * per_token + 2 * seq_len * shape.head_dim * b + 4  # RoPE's cos and sin, normaliser
+
+
+def adapter_activation_terms(shape: LlamaShape, config: LoRAConfig | None, *, dtype: torch.dtype,
+                             device: str = "cuda") -> tuple[set[str], int, int]:
+    """What the adapters change in a layer's saved activations, per token.
+
+    Returns:
+        kept: the layer's linears (names in LAYER_LINEARS) whose input is saved as it is, by a trained weight or an
+            adapter without its own copy (full fine-tuning: all seven).
+        adapter_bytes: bytes the adapters themselves save per token in one layer: h = x A^T for each (b_a r), and
+            for each adapter with its own copy of the input (dropout, or b_a != b), that copy (b_a K) and with
+            dropout the mask (m K; m = 1 on CUDA, b on CPU).
+        first_layer_saving: bytes per token the first layer saves less when the embeddings are frozen: its first
+            norm's 4 C + 4, and with dropout the masks of its q/k/v adapters (m C each).
+    """
+    if config is None:
+        return set(LAYER_LINEARS), 0, 0
+    b = torch.empty(0, dtype=dtype).element_size()
+    b_adapter = torch.empty(0, dtype=config.adapter_dtype or dtype).element_size()
+    adapted = adapted_linears(config.target_modules)
+    in_features = {name: k for name, (k, _) in linear_shapes(shape).items()}
+    # BEGIN SOLUTION
+    dropout = config.dropout > 0
     mask = 1 if device == "cuda" else b
-    b_adapter = b if full else torch.empty(0, dtype=config.adapter_dtype or dtype).element_size()
-    # an adapter keeps its own copy of its input when it drops it out or casts it to another dtype (as peft's fp32
-    # adapters on a bf16 model do); otherwise it shares the input the layer keeps anyway
-    own_copy = dropout or b_adapter != b
-
-    def keeps_input(consumers: set[str]) -> bool:
-        """Whether a trained weight or an adapter without its own copy saves this input as it is."""
-        return full or (bool(adapted & consumers) and not own_copy)
-
-    norm_internal = 4 * C + 4 + (b * C if full else 0)
-    layer = 2 * norm_internal + b * C * (keeps_input(qkv) + keeps_input(gate_up))
-    layer += b * (2 * C + 2 * G) + 4 * H + 3 * b * F + (b * F if keeps_input({"down_proj"}) else 0)
-    per_token = 0
-    if not full:
-        in_features = {name: k for name, (k, _) in linear_shapes(shape).items()}
-        layer += b_adapter * config.r * len(adapted)  # h = x A^T
-        if own_copy:  # the input (dropped out, or cast) and the dropout mask
-            layer += (b_adapter + (mask if dropout else 0)) * sum(in_features[name] for name in adapted)
-        # frozen embeddings: the first layer's input needs no gradient, so its first norm and the dropout of its
-        # q/k/v adapters keep nothing
-        per_token -= 4 * C + 4 + (mask * C * len(adapted & qkv) if dropout else 0)
-    per_token += L * layer + (8 if full else 0) + norm_internal + (b * C if full else 0) + 4 * V + 8
-    return batch_size * seq_len * per_token + 2 * seq_len * shape.head_dim * b + 4
+    own_copy = dropout or b_adapter != b  # the adapter drops out or casts its input, and keeps that copy
+    kept = set() if own_copy else set(adapted)
+    adapter_bytes = b_adapter * config.r * len(adapted)
+    if own_copy:
+        adapter_bytes += (b_adapter + (mask if dropout else 0)) * sum(in_features[name] for name in adapted)
+    qkv = [name for name in adapted if name in ("q_proj", "k_proj", "v_proj")]
+    first_layer_saving = 4 * shape.hidden_size + 4 + (mask * shape.hidden_size * len(qkv) if dropout else 0)
+    return kept, adapter_bytes, first_layer_saving
     # END SOLUTION
 
 
