@@ -265,11 +265,11 @@ def test_initialisation_like_peft(student, kind):
     assert torch.count_nonzero(B) == 0, "LoRALinear: B must start at zero (so training starts at the base model)"
     bound = 1 / math.sqrt(K)
     largest = A.abs().max().item()
-    assert 0.9 * bound < largest <= bound * (1 + 1e-12), (
+    assert 0.97 * bound < largest <= bound * (1 + 1e-12), (
         f"LoRALinear: max |A| is {largest:.4g}; peft's init draws A from U(-1/sqrt(K), 1/sqrt(K)) with K = "
         f"in_features = {K}, i.e. bound {bound:.4g}")
     std = A.std().item()
-    assert abs(std - bound / math.sqrt(3)) < 0.1 * bound / math.sqrt(3), (
+    assert abs(std - bound / math.sqrt(3)) < 0.03 * bound / math.sqrt(3), (
         f"LoRALinear: A's standard deviation {std:.4g} is not that of U(-b, b) with b = {bound:.4g} "
         f"({bound / math.sqrt(3):.4g})")
     check_close(got["y"], got["base_y"], name="LoRALinear at initialisation (output vs the base layer's)",

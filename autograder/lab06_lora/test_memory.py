@@ -164,6 +164,7 @@ def test_parameter_counts_equal_hf_and_peft(student):
     shapes = [SHAPE_1B, SHAPE_7B, SHAPE_ODD, SMALL]
     got = student.run(parameter_counts, shapes, LORA_CONFIGS)
     for shape, count in zip(shapes, got["total"]):
+        assert type(count) is int, f"parameter_count returned a {type(count).__name__}, not an int"
         want = _hf_parameter_count(shape)
         assert count == want, f"parameter_count({shape}) = {count:,}, the HF model has {want:,}"
     for shape, row in zip(shapes, got["lora"]):
@@ -190,6 +191,7 @@ def test_nf4_bytes_equal_torchao(student, dtype):
     shapes = [(64, 64), (128, 96), (64, 40), (192, 24), (2048, 256)]
     got = student.run(nf4_sizes, shapes, dtype)
     for (k, n), size in zip(shapes, got):
+        assert type(size) is int, f"nf4_weight_bytes(in {k}, out {n}) returned a {type(size).__name__}, not an int"
         weight = torch.randn(n, k).to(dtype)
         want = _nf4_size(to_nf4(weight, 64, math.gcd(n * k // 64, 256)))
         assert size == want, f"nf4_weight_bytes(in {k}, out {n}, {dtype}) = {size}, torchao's NF4 holds {want} bytes"
@@ -220,6 +222,7 @@ def test_predictions_equal_a_measured_step(student, name):
     got = student.run(predicted, SMALL, method, config, dtype, 2, 12)
     want = _measured(method, config, dtype, 2, 12)
     for key in ("weights", "gradients", "optimizer", "activations"):
+        assert type(got[key]) is int, f"predict_memory ({name}) {key} is a {type(got[key]).__name__}, not an int"
         assert got[key] == want[key], (
             f"predict_memory ({name}) {key}: {got[key]:,} bytes, a measured step holds {want[key]:,} (off by "
             f"{got[key] - want[key]:+,}) on {describe(shape=SMALL, batch_size=2, seq_len=12)}")

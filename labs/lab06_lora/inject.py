@@ -112,6 +112,7 @@ def save_adapter(model: nn.Module, directory: str | Path, *, config: LoRAConfig)
     directory.mkdir(parents=True, exist_ok=True)
     # TODO (lab06): your code here
     raise NotImplementedError("lab06: save_adapter is not implemented yet (lab06_lora/inject.py)")
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2))
     return directory
 
 
@@ -147,6 +148,11 @@ def _matches(name: str, target_modules: tuple[str, ...] | str) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def _some(names: list[str]) -> str:
+    """The first few names of a list, for an error message."""
+    return f"{names[:4]}" + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 def _output_layer(model: nn.Module) -> nn.Module | None:

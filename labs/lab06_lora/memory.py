@@ -181,7 +181,7 @@ def predict_memory(shape: LlamaShape, *, method: str, batch_size: int, seq_len: 
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method != "full" and config is None:
         raise ValueError(f"method {method!r} needs a LoRAConfig")
-    b = torch.empty(0, dtype=dtype).element_size()
+    b = dtype.itemsize
     total = parameter_count(shape)
     # TODO (lab06): your code here
     raise NotImplementedError("lab06: predict_memory is not implemented yet (lab06_lora/memory.py)")
@@ -193,7 +193,7 @@ def activation_bytes(shape: LlamaShape, *, batch_size: int, seq_len: int, config
 
     `device` matters only for adapter dropout: CUDA keeps a bool mask (1 byte per element), the CPU a mask in `dtype`.
     """
-    b = torch.empty(0, dtype=dtype).element_size()
+    b = dtype.itemsize
     C, F, H, V = shape.hidden_size, shape.intermediate_size, shape.num_heads, shape.vocab_size
     G, L = shape.num_kv_heads * shape.head_dim, shape.num_layers
     full = config is None
@@ -224,8 +224,8 @@ def adapter_activation_terms(shape: LlamaShape, config: LoRAConfig | None, *, dt
     """
     if config is None:
         return set(LAYER_LINEARS), 0, 0
-    b = torch.empty(0, dtype=dtype).element_size()
-    b_adapter = torch.empty(0, dtype=config.adapter_dtype or dtype).element_size()
+    b = dtype.itemsize
+    b_adapter = (config.adapter_dtype or dtype).itemsize
     adapted = adapted_linears(config.target_modules)
     in_features = {name: k for name, (k, _) in linear_shapes(shape).items()}
     # TODO (lab06): your code here

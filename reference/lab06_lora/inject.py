@@ -154,8 +154,8 @@ def save_adapter(model: nn.Module, directory: str | Path, *, config: LoRAConfig)
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
     }
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2))
     # END SOLUTION
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2))
     return directory
 
 
@@ -195,8 +195,8 @@ def load_adapter(model: nn.Module, directory: str | Path, *, adapter_dtype: torc
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{directory}: adapter weights do not fit the model: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
+        raise ValueError(f"{directory}: adapter weights do not fit the model: missing {_some(missing)}, "
+                         f"unexpected {_some(unexpected)}")
     with torch.no_grad():
         for key, tensor in expected.items():
             if state[key].shape != tensor.shape:
@@ -216,6 +216,11 @@ def _matches(name: str, target_modules: tuple[str, ...] | str) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def _some(names: list[str]) -> str:
+    """The first few names of a list, for an error message."""
+    return f"{names[:4]}" + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 def _output_layer(model: nn.Module) -> nn.Module | None:

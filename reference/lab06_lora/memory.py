@@ -159,7 +159,7 @@ def nf4_weight_bytes(in_features: int, out_features: int, *, nf4: NF4Config, dty
     block_size (N K / block_size), a second-level constant per scaler block, one mean, and the 16-level table (the
     last three in `dtype`)."""
     # BEGIN SOLUTION
-    numel, itemsize = in_features * out_features, torch.empty(0, dtype=dtype).element_size()
+    numel, itemsize = in_features * out_features, dtype.itemsize
     num_scales = numel // nf4.block_size
     num_constants = num_scales // math.gcd(num_scales, nf4.scaler_block_size)
     return numel // 2 + num_scales + itemsize * (num_constants + 1 + 16)
@@ -190,14 +190,14 @@ def predict_memory(shape: LlamaShape, *, method: str, batch_size: int, seq_len: 
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method != "full" and config is None:
         raise ValueError(f"method {method!r} needs a LoRAConfig")
-    b = torch.empty(0, dtype=dtype).element_size()
+    b = dtype.itemsize
     total = parameter_count(shape)
     # BEGIN SOLUTION
     if method == "full":
         return MemoryBreakdown(weights=b * total, gradients=b * total, optimizer=2 * b * total,
                                activations=activation_bytes(shape, batch_size=batch_size, seq_len=seq_len,
                                                             config=None, dtype=dtype, device=device))
-    b_adapter = torch.empty(0, dtype=config.adapter_dtype or dtype).element_size()
+    b_adapter = (config.adapter_dtype or dtype).itemsize
     adapters = lora_parameter_count(shape, config)
     weights = b * total
     if method == "qlora":
@@ -217,7 +217,7 @@ def activation_bytes(shape: LlamaShape, *, batch_size: int, seq_len: int, config
 
     `device` matters only for adapter dropout: CUDA keeps a bool mask (1 byte per element), the CPU a mask in `dtype`.
     """
-    b = torch.empty(0, dtype=dtype).element_size()
+    b = dtype.itemsize
     C, F, H, V = shape.hidden_size, shape.intermediate_size, shape.num_heads, shape.vocab_size
     G, L = shape.num_kv_heads * shape.head_dim, shape.num_layers
     full = config is None
@@ -248,8 +248,8 @@ def adapter_activation_terms(shape: LlamaShape, config: LoRAConfig | None, *, dt
     """
     if config is None:
         return set(LAYER_LINEARS), 0, 0
-    b = torch.empty(0, dtype=dtype).element_size()
-    b_adapter = torch.empty(0, dtype=config.adapter_dtype or dtype).element_size()
+    b = dtype.itemsize
+    b_adapter = (config.adapter_dtype or dtype).itemsize
     adapted = adapted_linears(config.target_modules)
     in_features = {name: k for name, (k, _) in linear_shapes(shape).items()}
     # BEGIN SOLUTION
