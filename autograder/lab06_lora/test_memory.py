@@ -80,7 +80,7 @@ def _nf4_size(tensor) -> int:
 
 def _measured_step(model, ids: torch.Tensor) -> dict:
     """Bytes of weights, gradients, AdamW's two moments, and the distinct non-parameter storages autograd saves."""
-    params = list(model.parameters())
+    params = [*model.parameters()]
     weights = sum(_nf4_size(p) if _is_nf4(p) else p.numel() * p.element_size() for p in params)
     known = {t.untyped_storage().data_ptr() for t in [*params, *model.buffers()] if not _is_nf4(t)}
     storages = {}
