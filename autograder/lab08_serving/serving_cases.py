@@ -72,7 +72,7 @@ def greedy_continuation(model, prompt: list[int], max_tokens: int, stop: tuple[i
 def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     """HF generate, greedy, one prompt at a time (no padding), no stop token."""
     out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+                         max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 

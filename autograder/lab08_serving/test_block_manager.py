@@ -255,11 +255,11 @@ def test_exhaustion_raises_and_changes_nothing(student):
 @pytest.mark.points(2)
 @pytest.mark.parametrize("ops, match", [
     ([["allocate", 0, [1, 2]], ["free", 0], ["free", 0]], "freed twice"),
-    ([["free", 3]], "3"),
+    ([["allocate", 0, [1]], ["free", 3]], "3"),
     ([["allocate", 0, [1]], ["allocate", 0, [2]]], "0"),
-    ([["allocate", 0, []]], "empty"),
-    ([["append", 5, 1]], "5"),
-    ([["fork", 1, 2]], "1"),
+    ([["allocate", 0, [1]], ["allocate", 1, []]], "empty"),
+    ([["allocate", 0, [1]], ["append", 5, 1]], "5"),
+    ([["allocate", 0, [1]], ["fork", 1, 2]], "1"),
     ([["allocate", 0, [1]], ["allocate", 1, [2]], ["fork", 0, 1]], "1"),
 ])
 def test_misuse_raises_value_error(student, ops, match):

@@ -99,9 +99,11 @@ def test_max_batch_size(student, case):
 
 
 @pytest.mark.points(1)
-def test_max_batch_size_rejects_weights_that_do_not_fit(student):
+@pytest.mark.parametrize("weight_bytes", [95, 90.5])
+def test_max_batch_size_rejects_weights_that_do_not_fit(student, weight_bytes):
+    """Weights beyond u * memory, even by half a byte: ValueError."""
     with pytest.raises(ValueError, match="fit"):
-        student.run(batch_size, dict(memory_bytes=100, weight_bytes=95, bytes_per_token=1, seq_len=1,
+        student.run(batch_size, dict(memory_bytes=100, weight_bytes=weight_bytes, bytes_per_token=1, seq_len=1,
                                      utilization=0.9))
 
 

@@ -73,13 +73,14 @@ def prefill_batch(seed: int, new_lens: list[int], num_cached: list[int], block_s
     return prefill_attention_batch(q, k, v, k_cache, v_cache, batch, sm_scale=0.25)
 
 
-def runner_logits(seed: int, *, dtype_name: str = "float64", backend: str = "torch", cuda_graphs: bool = False) -> list:
+def runner_logits(seed: int, *, dtype_name: str = "float64", backend: str = "torch", cuda_graphs: bool = False,
+                  num_kv_heads: int = 2) -> list:
     """Prefill A and C, then B sharing A's first two blocks (8 cached tokens), then two decode steps of all three."""
     from lab08_serving.model_runner import ModelRunner
 
     cases = _cases()
     with cases.one_thread():
-        model = cases.tiny_llama(seed=seed, dtype=getattr(torch, dtype_name))
+        model = cases.tiny_llama(seed=seed, dtype=getattr(torch, dtype_name), num_kv_heads=num_kv_heads)
         a, b_tail, c, steps = _run_tokens(seed)
         runner = ModelRunner(model, num_blocks=30, block_size=4, max_model_len=32, max_num_seqs=5,
                              attention_backend=backend, cuda_graphs=cuda_graphs)
@@ -159,10 +160,10 @@ def test_prefill_attention_batch(student, new_lens, num_cached):
                 inputs=describe(new_lens=new_lens, num_cached=num_cached))
 
 
-def _expected_logits(seed: int, dtype: torch.dtype) -> list[torch.Tensor]:
+def _expected_logits(seed: int, dtype: torch.dtype, num_kv_heads: int = 2) -> list[torch.Tensor]:
     cases = _cases()
     with cases.one_thread():
-        model = cases.tiny_llama(seed=seed, dtype=dtype)
+        model = cases.tiny_llama(seed=seed, dtype=dtype, num_kv_heads=num_kv_heads)
         a, b_tail, c, steps = _run_tokens(seed)
         seqs = {"a": list(a), "b": a[:8] + b_tail, "c": list(c)}
         with torch.no_grad():
@@ -175,9 +176,9 @@ def _expected_logits(seed: int, dtype: torch.dtype) -> list[torch.Tensor]:
     return expected
 
 
-def _check_logits(got, seed, dtype, what, **tolerance):
+def _check_logits(got, seed, dtype, what, num_kv_heads=2, **tolerance):
     names = ["prefill of A and C", "prefill of B after 8 cached tokens", "decode step 1", "decode step 2"]
-    for logits, want, name in zip(got, _expected_logits(seed, dtype), names):
+    for logits, want, name in zip(got, _expected_logits(seed, dtype, num_kv_heads), names):
         check_close(logits, want, name=f"{what}: logits of the {name}", inputs=describe(seed=seed), **tolerance)
     assert len(got) == 4, f"{what}: expected 4 logit tensors, got {len(got)}"
 

@@ -6,7 +6,6 @@ point at real blocks, ragged context lengths (1, exact multiples of the block si
 CPU the kernel runs in the Triton interpreter, so the shapes stay tiny.
 """
 
-import math
 
 import pytest
 import torch
@@ -63,22 +62,6 @@ def prefill(seed: int, N: int, M: int, H: int, H_kv: int, D: int, sm_scale=None)
     return prefill_attention(q, k, v, sm_scale=sm_scale)
 
 
-def decode_error(case: dict, change: str) -> None:
-    from lab08_serving.paged_attention import paged_decode_attention
-
-    q, k, v, tables, lens = _cases().paged_inputs(**case)
-    if change == "float64":
-        q, k, v = q.double(), k.double(), v.double()
-    elif change == "heads":
-        q = q[:, :3]
-    elif change == "head_dim":
-        q, k, v = q[..., :12], k[..., :12], v[..., :12]
-    elif change == "context":
-        lens = lens.clone()
-        lens[0] = tables.shape[1] * k.shape[1] + 1
-    paged_decode_attention(q, k, v, tables, lens)
-
-
 # -----------------------------------------------------------------------------
 # The grader's reference
 
@@ -88,7 +71,7 @@ def _expected(case: dict, sm_scale=None) -> torch.Tensor:
     q, k, v, tables, lens = (t.double() if t.is_floating_point() else t for t in _cases().paged_inputs(**case))
     B, H, D = q.shape
     group = H // k.shape[2]
-    scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    scale = D ** -0.5 if sm_scale is None else sm_scale
     out = torch.zeros(B, H, D, dtype=torch.float64)
     for b in range(B):
         rows = [(int(tables[b, j // k.shape[1]]), j % k.shape[1]) for j in range(int(lens[b]))]
@@ -193,13 +176,3 @@ def test_triton_decode_scale_and_strided_query(student):
     case = dict(GQA, seed=21)
     _check(student.run(decode_triton, case, sm_scale=0.5, strided_q=True, num_splits=2), case,
            "paged_decode_attention (sm_scale=0.5, strided q, 2 splits)", 0.5)
-
-
-@pytest.mark.points(1)
-@pytest.mark.parametrize("change, error", [("float64", TypeError), ("heads", ValueError), ("head_dim", ValueError),
-                                           ("context", ValueError)])
-def test_triton_decode_rejects_bad_inputs(student, change, error):
-    """float64 (the kernel takes fp16/bf16/fp32), heads not divisible by the K/V heads, an unsupported head dim,
-    a context longer than the block table holds."""
-    with pytest.raises(error):
-        student.run(decode_error, GQA, change)

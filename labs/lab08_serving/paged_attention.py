@@ -203,6 +203,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = H // H_kv
     block_h = max(MIN_DOT_ROWS, triton.next_power_of_2(group))
     split = num_splits > 1
+    precision = dot_precision(q.dtype)
     if split:
         partial_o = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
@@ -214,7 +215,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         scale * LOG2_E, group, num_splits, block_tables.shape[1],
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=D, BLOCK_H=block_h, BLOCK_N=config.block_n, SPLIT=split,
-        INPUT_PRECISION=dot_precision(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+        INPUT_PRECISION=precision, num_stages=config.num_stages, num_warps=config.num_warps,
     )
     if split:
         _merge_splits_kernel[(B, H)](

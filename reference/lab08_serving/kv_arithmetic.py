@@ -54,8 +54,6 @@ def kv_heads_of(attention: str, *, num_heads: int, num_kv_heads: int | None = No
     Raises:
         ValueError: an unknown kind, num_heads < 1, or a missing or non-dividing num_kv_heads for "gqa".
     """
-    if attention not in ATTENTION_KINDS:
-        raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1, got {num_heads}")
     # BEGIN SOLUTION
@@ -63,6 +61,8 @@ def kv_heads_of(attention: str, *, num_heads: int, num_kv_heads: int | None = No
         return num_heads
     if attention == "mqa":
         return 1
+    if attention != "gqa":
+        raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
     if num_kv_heads is None or num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"gqa needs num_kv_heads dividing num_heads ({num_heads}), got {num_kv_heads}")
     return num_kv_heads
@@ -128,7 +128,7 @@ def max_batch_size(*, memory_bytes: float, weight_bytes: float, bytes_per_token:
     if left < 0:
         raise ValueError(f"the weights ({weight_bytes:.3g} B) and activations ({activation_bytes:.3g} B) do not fit "
                          f"in {utilization} x {memory_bytes:.3g} B")
-    return int(left // (seq_len * bytes_per_token))
+    return math.floor(left / (seq_len * bytes_per_token))
     # END SOLUTION
 
 

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -329,9 +330,12 @@ class ModelRunner:
     # ---- buffers and graphs
 
     def _table_tensor(self, block_tables: list[list[int]], device=None) -> torch.Tensor:
-        """(S, max_blocks) int32, rows padded with the scratch block."""
-        rows = [table + [self.scratch_block] * (self.max_blocks - len(table)) for table in block_tables]
-        return torch.tensor(rows, dtype=torch.int32, device=device or self.device)
+        """(S, max_blocks) int32, rows padded with the scratch block (built in numpy: a few times faster than a
+        nested list, which matters at 256 sequences a step)."""
+        rows = np.full((len(block_tables), self.max_blocks), self.scratch_block, dtype=np.int32)
+        for row, table in zip(rows, block_tables):
+            row[:len(table)] = table
+        return torch.from_numpy(rows).to(device or self.device)
 
     def _static_buffers(self) -> dict[str, torch.Tensor]:
         if self.static is None:
