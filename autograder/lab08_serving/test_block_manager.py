@@ -186,7 +186,8 @@ def _check_against_model(operations: list, log: list, *, num_blocks: int, block_
                 assert (result is not None) == (expected == "copy"), (
                     f"{where}: append_token returned {result}; a copy is due exactly when the last block is partly "
                     f"filled and shared ({'it is' if expected == 'copy' else 'it is not'})")
-        assert entry["free"] == model.free_count(), f"{where}: {entry['free']} free blocks, expected {model.free_count()}"
+        assert entry["free"] == model.free_count(), (
+            f"{where}: {entry['free']} free blocks, expected {model.free_count()}")
         _check_bookkeeping(entry, num_blocks=num_blocks, block_size=block_size, where=where)
         assert set(entry["tables"]) == set(model.tokens), (
             f"{where}: sequences holding blocks {sorted(entry['tables'])}, expected {sorted(model.tokens)}")
@@ -297,7 +298,8 @@ def test_prefix_caching_shares_full_blocks_of_a_common_prefix(student):
     tables = log[-1]["tables"]
     assert tables[1][:2] == tables[0][:2] and tables[2][0] == tables[0][0], "cache hits must share the blocks"
     assert tables[2][1] != tables[0][1], "the block holding the last prompt token is never taken from the cache"
-    assert [e["free"] for e in log] == [9, 8, 7, 6, 3], f"free blocks: {[e['free'] for e in log]}, expected [9, 8, 7, 6, 3]"
+    frees = [e["free"] for e in log]
+    assert frees == [9, 8, 7, 6, 3], f"free blocks after each allocation: {frees}, expected [9, 8, 7, 6, 3]"
     _check_bookkeeping(log[-1], num_blocks=12, block_size=4, where="after the allocations")
 
 

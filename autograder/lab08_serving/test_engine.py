@@ -135,7 +135,8 @@ def _check_outputs(got: dict, expected: dict, what: str) -> None:
                 f"{what}: request {index} output {n} differs from plain greedy decoding"
                 + (f" from token {first} on" if first is not None else f" in length ({len(tokens)} tokens, "
                    f"expected {len(want_tokens)})") + f":\n  got      {tokens}\n  expected {want_tokens}")
-            assert reason == want_reason, f"{what}: request {index} output {n} finished by {reason!r}, not {want_reason!r}"
+            assert reason == want_reason, (
+                f"{what}: request {index} output {n} finished by {reason!r}, not {want_reason!r}")
         assert len(have) == len(want), f"{what}: request {index} has {len(have)} outputs, expected {len(want)}"
     assert got["free"] == got["num_blocks"], f"{what}: {got['num_blocks'] - got['free']} blocks still held at the end"
 

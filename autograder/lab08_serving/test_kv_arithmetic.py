@@ -51,8 +51,8 @@ ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, 
 def test_kv_heads_per_attention_kind(student, attention, num_heads, num_kv_heads, expected):
     """MHA keeps a K/V head per query head, MQA one, GQA the given number (num_kv_heads is ignored unless gqa)."""
     got = student.run(kv_heads, attention, num_heads, num_kv_heads)
-    assert got == expected, f"kv_heads_of({attention!r}, num_heads={num_heads}, num_kv_heads={num_kv_heads}) = {got}, " \
-                            f"expected {expected}"
+    assert got == expected, (
+        f"kv_heads_of({attention!r}, num_heads={num_heads}, num_kv_heads={num_kv_heads}) = {got}, expected {expected}")
 
 
 @pytest.mark.points(3)

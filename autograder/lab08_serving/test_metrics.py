@@ -37,7 +37,8 @@ def test_percentile_interpolates_linearly(student, values, q):
     """Unsorted inputs, one value, the extremes, duplicates, and ranks between two order statistics."""
     got = student.run(percentile_of, values, q)
     expected = _quantile(values, q)
-    assert got == pytest.approx(expected, rel=1e-12, abs=1e-12), f"percentile({values}, {q}) = {got}, expected {expected}"
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-12), (
+        f"percentile({values}, {q}) = {got}, expected {expected}")
 
 
 RECORDS = [

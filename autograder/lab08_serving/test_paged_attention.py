@@ -6,7 +6,6 @@ point at real blocks, ragged context lengths (1, exact multiples of the block si
 CPU the kernel runs in the Triton interpreter, so the shapes stay tiny.
 """
 
-
 import pytest
 import torch
 
@@ -58,7 +57,8 @@ def prefill(seed: int, N: int, M: int, H: int, H_kv: int, D: int, sm_scale=None)
     from lab08_serving.paged_attention import prefill_attention
 
     generator = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(n, h, D, generator=generator, dtype=torch.float64) for n, h in ((N, H), (M, H_kv), (M, H_kv)))
+    shapes = ((N, H), (M, H_kv), (M, H_kv))
+    q, k, v = (torch.randn(n, h, D, generator=generator, dtype=torch.float64) for n, h in shapes)
     return prefill_attention(q, k, v, sm_scale=sm_scale)
 
 
@@ -129,7 +129,8 @@ def test_prefill_attention_is_causal_aligned_to_the_end(student, N, M, H, H_kv):
     prefix (N < M), one new token (N = 1), GQA and MQA."""
     got = student.run(prefill, 7 + N, N, M, H, H_kv, 16, sm_scale=0.3 if N == 6 else None)
     generator = torch.Generator().manual_seed(7 + N)
-    q, k, v = (torch.randn(n, h, 16, generator=generator, dtype=torch.float64) for n, h in ((N, H), (M, H_kv), (M, H_kv)))
+    shapes = ((N, H), (M, H_kv), (M, H_kv))
+    q, k, v = (torch.randn(n, h, 16, generator=generator, dtype=torch.float64) for n, h in shapes)
     scale = 0.3 if N == 6 else 0.25
     expected = torch.zeros(N, H, 16, dtype=torch.float64)
     for i in range(N):

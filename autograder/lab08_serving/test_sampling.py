@@ -47,8 +47,10 @@ def mixed(logits: torch.Tensor, temperatures: list[float], seed: int) -> list[in
 
 
 @pytest.mark.points(1)
-@pytest.mark.parametrize("fields", [dict(n=1, temperature=0.0, top_p=1.0, max_tokens=1),
-                                    dict(n=3, temperature=0.7, top_p=0.01, max_tokens=9, stop_token_ids=[4, 2], seed=5)])
+@pytest.mark.parametrize("fields", [
+    dict(n=1, temperature=0.0, top_p=1.0, max_tokens=1),
+    dict(n=3, temperature=0.7, top_p=0.01, max_tokens=9, stop_token_ids=[4, 2], seed=5),
+])
 def test_valid_params_are_kept(student, fields):
     """The boundaries are valid: temperature 0 (greedy), top_p 1, max_tokens 1, n 1; stop ids become a tuple."""
     got = student.run(make_params, fields)

@@ -84,7 +84,8 @@ def _replay(requests, result, *, num_blocks, block_size, max_num_seqs, max_num_b
                 "(after a preemption: its prompt and its output so far)")
         queue = queue[len(prefill_ids):]
         used = sum(lengths[s] for s in prefill_ids) + len(decodes)
-        assert used <= max_num_batched_tokens, f"{where}: {used} tokens scheduled, the budget is {max_num_batched_tokens}"
+        assert used <= max_num_batched_tokens, (
+            f"{where}: {used} tokens scheduled, the budget is {max_num_batched_tokens}")
         assert record["num_batched_tokens"] <= max_num_batched_tokens, f"{where}: num_batched_tokens over the budget"
         now_running = decodes + prefill_ids
         assert len(now_running) <= max_num_seqs, f"{where}: {len(now_running)} running, max_num_seqs {max_num_seqs}"

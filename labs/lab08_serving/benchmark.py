@@ -137,7 +137,8 @@ def bench_kernel(*, smoke: bool) -> list[dict]:
                  "gb_per_s": {name: kv_bytes / (timing.time(name).median * 1e-3) / 1e9 for name in variants}}
         best_peer = "sdpa cudnn" if "sdpa cudnn" in variants else next(iter(peers))
         ratio = timing.ratio(best_peer, "ours")  # peer time / our time = our bandwidth / the peer's
-        entry["bandwidth_vs_" + best_peer.replace(" ", "_")] = {**ratio.as_dict(), "verdict": ratio.verdict(at_least=1.0)}
+        entry["bandwidth_vs_" + best_peer.replace(" ", "_")] = {**ratio.as_dict(),
+                                                               "verdict": ratio.verdict(at_least=1.0)}
         report.append(entry)
         print(f"\ndecode B{B} ctx{context} ({entry['kv_bytes'] / 1e9:.2f} GB of K/V)\n{timing.table(baseline='ours')}")
         print("GB/s: " + ", ".join(f"{name} {gbs:.0f}" for name, gbs in entry["gb_per_s"].items())
@@ -164,7 +165,8 @@ def sweep_kernel() -> list[dict]:
     rows = sorted(({"variant": name, "ms": timing.time(name).median,
                     "gb_per_s": kv_bytes / (timing.time(name).median * 1e-3) / 1e9} for name in variants),
                   key=lambda row: row["ms"])
-    print("\nsweep at B64 ctx4096 (best 5):\n" + "\n".join(f"  {r['variant']}: {r['gb_per_s']:.0f} GB/s" for r in rows[:5]))
+    best = "\n".join(f"  {row['variant']}: {row['gb_per_s']:.0f} GB/s" for row in rows[:5])
+    print(f"\nsweep at B64 ctx4096 (best 5):\n{best}")
     del q, k_cache, v_cache, tables, lens
     _free()
     return rows

@@ -264,7 +264,8 @@ class LLMEngine:
         metrics.token_times[index].append(now)
         if metrics.first_token_time is None:
             metrics.first_token_time = now
-        if all(o.finish_reason for o in request.outputs) and len(request.outputs) == request.params.n:
+        if output.finish_reason is not None and len(request.outputs) == request.params.n and all(
+                o.finish_reason for o in request.outputs):
             metrics.finish_time = now
         return TokenEvent(request.request_id, index, token, output.finish_reason)
 

@@ -207,7 +207,8 @@ class ModelRunner:
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         if cuda_graphs and self.device.type == "cuda" and attention_backend != "triton":
-            raise ValueError("CUDA graphs need the triton backend (the torch backend reads context lengths on the host)")
+            raise ValueError("CUDA graphs need the triton backend (the torch backend reads the context lengths on the "
+                             "host)")
         self.block_size, self.num_blocks, self.max_num_seqs = block_size, num_blocks, max_num_seqs
         self.attention_backend, self.cuda_graphs = attention_backend, cuda_graphs
         self.max_blocks = -(-max_model_len // block_size)
@@ -225,7 +226,8 @@ class ModelRunner:
     # ---- steps
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[list[int]], *, num_cached: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+    def prefill(self, token_ids: list[list[int]], *, num_cached: list[int],
+                block_tables: list[list[int]]) -> torch.Tensor:
         """Run each sequence's uncached tokens; return the logits of each sequence's last token, (S, V)."""
         new_lens = [len(ids) - cached for ids, cached in zip(token_ids, num_cached)]
         tokens = torch.tensor([t for ids, c in zip(token_ids, num_cached) for t in ids[c:]], device=self.device)

@@ -235,10 +235,11 @@ class LLMEngine:
         produced: list[tuple[Sequence, int]] = []
         # BEGIN SOLUTION
         self.runner.copy_blocks(step.copies)
+        tables = self.block_manager.block_tables
         if step.prefills:
             logits = self.runner.prefill([s.token_ids for s in step.prefills],
                                          num_cached=[s.num_cached_tokens for s in step.prefills],
-                                         block_tables=[self.block_manager.block_tables[s.seq_id] for s in step.prefills])
+                                         block_tables=[tables[s.seq_id] for s in step.prefills])
             rows, seqs = [], []
             for row, seq in enumerate(step.prefills):
                 group = [seq] + [self._fork(seq, index) for index in range(1, seq.group_size)]
@@ -248,7 +249,7 @@ class LLMEngine:
             produced += zip(seqs, self._sample(logits[rows], seqs))
         if step.decodes:
             logits = self.runner.decode([s.token_ids[-1] for s in step.decodes],
-                                        block_tables=[self.block_manager.block_tables[s.seq_id] for s in step.decodes],
+                                        block_tables=[tables[s.seq_id] for s in step.decodes],
                                         context_lens=[s.num_tokens for s in step.decodes])
             produced += zip(step.decodes, self._sample(logits, step.decodes))
         # END SOLUTION
@@ -304,7 +305,8 @@ class LLMEngine:
         metrics.token_times[index].append(now)
         if metrics.first_token_time is None:
             metrics.first_token_time = now
-        if all(o.finish_reason for o in request.outputs) and len(request.outputs) == request.params.n:
+        if output.finish_reason is not None and len(request.outputs) == request.params.n and all(
+                o.finish_reason for o in request.outputs):
             metrics.finish_time = now
         return TokenEvent(request.request_id, index, token, output.finish_reason)
 

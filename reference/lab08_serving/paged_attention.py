@@ -360,7 +360,8 @@ def _paged_decode_kernel(
         # the block table turns each token into a cache row: block T_b[j // bs], slot j % bs
         blocks = tl.load(table + (tokens // BLOCK_SIZE) * stride_tj, mask=valid).to(tl.int64)
         slots = tokens % BLOCK_SIZE
-        k_ptrs = K_cache + (blocks * stride_kb + slots * stride_ks + g * stride_kh)[:, None] + offs_d[None, :] * stride_kd
+        k_rows = blocks * stride_kb + slots * stride_ks + g * stride_kh  # (BLOCK_N,) offsets of each token's K
+        k_ptrs = K_cache + k_rows[:, None] + offs_d[None, :] * stride_kd
         k = tl.load(k_ptrs, mask=valid[:, None])  # (BLOCK_N, D), one load for all P query heads
         scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_H, BLOCK_N), fp32
         scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))  # masked tokens read no K: no score
@@ -368,7 +369,8 @@ def _paged_decode_kernel(
         p = tl.math.exp2(scores - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = V_cache + (blocks * stride_vb + slots * stride_vs + g * stride_vh)[:, None] + offs_d[None, :] * stride_vd
+        v_rows = blocks * stride_vb + slots * stride_vs + g * stride_vh
+        v_ptrs = V_cache + v_rows[:, None] + offs_d[None, :] * stride_vd
         v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)  # 0, not garbage: p = 0 there, and 0 * NaN is NaN
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
