@@ -220,10 +220,11 @@ def test_sequences_stop_at_max_model_len(student):
 @pytest.mark.points(2)
 def test_parallel_sampling_shares_blocks_copy_on_write(student):
     """n = 3 greedy outputs of one prompt (and n = 2 of another) fork after the prefill, sharing its blocks; their
-    first appends copy the shared, partly filled last block. All outputs equal the greedy continuation."""
+    first appends copy the shared, partly filled last block. All outputs equal the greedy continuation. n may equal
+    max_num_seqs (3 here)."""
     requests = _requests([7, 10], [9, 6], seed=5)
     requests[0]["params"]["n"], requests[1]["params"]["n"] = 3, 2
-    got = student.run(serve, requests, config=dict(block_size=4), model=TINY)
+    got = student.run(serve, requests, config=dict(block_size=4, max_num_seqs=3), model=TINY)
     _check_outputs(got, _expected(requests, TINY), "LLMEngine (n = 3 and n = 2)")
     assert sum(r["num_copies"] for r in got["trace"]) == 3, (
         f"copy-on-write copies per step {[r['num_copies'] for r in got['trace']]}: expected 3 in all "

@@ -35,7 +35,7 @@ def simulate(requests: list[tuple[int, int, int]], *, num_blocks: int, block_siz
                   "decodes": [s.seq_id for s in step.decodes], "preempted": [s.seq_id for s in step.preempted],
                   "num_batched_tokens": step.num_batched_tokens, "free": manager.num_free_blocks,
                   "held": {s: len(t) for s, t in manager.block_tables.items()},
-                  "stored": {s: len(t) for s, t in manager.token_ids.items()},
+                  "stored": {s: list(t) for s, t in manager.token_ids.items()},
                   "waiting": [s.seq_id for s in scheduler.waiting]}
         for seq in step.prefills + step.decodes:
             seq.token_ids.append((seq.seq_id * 7 + seq.num_tokens) % 97)
@@ -49,6 +49,11 @@ def simulate(requests: list[tuple[int, int, int]], *, num_blocks: int, block_siz
 
 # -----------------------------------------------------------------------------
 # The grader's replay
+
+
+def _token(seq: int, position: int, requests) -> int:
+    """The token the simulation puts at a position: the prompt's, then one made-up token per step."""
+    return (seq * 31 + position) % 97 if position < requests[seq][0] else (seq * 7 + position) % 97
 
 
 def _replay(requests, result, *, num_blocks, block_size, max_num_seqs, max_num_batched_tokens) -> int:
@@ -90,11 +95,13 @@ def _replay(requests, result, *, num_blocks, block_size, max_num_seqs, max_num_b
         now_running = decodes + prefill_ids
         assert len(now_running) <= max_num_seqs, f"{where}: {len(now_running)} running, max_num_seqs {max_num_seqs}"
         # the cache: every holder has exactly the blocks its tokens need, and they fit
-        expected_stored = {s: lengths[s] for s in now_running}  # a decode stores the token it feeds
-        assert record["stored"] == expected_stored, f"{where}: tokens in the cache {record['stored']}, " \
-                                                    f"expected {expected_stored}"
+        # a decode stores the token it feeds: the cache holds every token of every running sequence, in order
+        expected_stored = {s: [_token(s, p, requests) for p in range(lengths[s])] for s in now_running}
+        assert record["stored"] == expected_stored, (
+            f"{where}: the block manager holds the tokens {record['stored']}, expected {expected_stored}")
         for seq, count in record["held"].items():
-            assert count == -(-record["stored"][seq] // block_size), f"{where}: sequence {seq} holds {count} blocks"
+            assert count == -(-len(record["stored"][seq]) // block_size), (
+                f"{where}: sequence {seq} holds {count} blocks")
         assert record["free"] == num_blocks - sum(record["held"].values()) >= 0, f"{where}: free blocks miscounted"
         # admission stops only at a sequence that does not fit
         if queue and not preempted:

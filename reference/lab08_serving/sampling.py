@@ -99,12 +99,11 @@ def sample_next_tokens(logits: torch.Tensor, params: list[SamplingParams],
         B token ids.
     """
     # BEGIN SOLUTION
-    logits = logits.float()
     tokens = logits.argmax(dim=-1).tolist()  # greedy rows keep these: one device-to-host copy for the batch
     for row, p in enumerate(params):
         if p.temperature == 0:
             continue
-        probs = top_p_filter(torch.softmax(logits[row] / p.temperature, dim=-1), p.top_p)
+        probs = top_p_filter(torch.softmax(logits[row].float() / p.temperature, dim=-1), p.top_p)
         tokens[row] = int(torch.multinomial(probs, 1, generator=generators[row]))
     return tokens
     # END SOLUTION
