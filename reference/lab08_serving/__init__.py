@@ -1,0 +1,1 @@
+"""Lab 08: serving with a paged KV cache (block manager, paged attention, continuous batching)."""
