@@ -59,12 +59,12 @@ class _Counted:
         return self.kernel[grid]
 
 
-def launches_of(counts: list[int], K: int, N: int, device: str) -> dict:
-    """Kernel launches during one forward and one backward of grouped_gemm."""
+def launches_of(counts: list[int], K: int, N: int, device: str, x_grad: bool = True, w_grad: bool = True) -> dict:
+    """Kernel launches during one forward and one backward of grouped_gemm (x and w requiring grad as asked)."""
     from lab09_moe import grouped_gemm as module
 
     x, w, offsets = _operands(counts, K, N, seed=7)
-    x, w = x.to(device).requires_grad_(True), w.to(device).requires_grad_(True)
+    x, w = x.to(device).requires_grad_(x_grad), w.to(device).requires_grad_(w_grad)
     saved = module._grouped_gemm_kernel, module._grouped_dw_kernel
     module._grouped_gemm_kernel, module._grouped_dw_kernel = _Counted(saved[0]), _Counted(saved[1])
     try:
@@ -110,6 +110,10 @@ def raise_for(case: str, device: str) -> None:
         grouped_gemm(x, w, offsets[:2])
     elif case == "k_mismatch":
         grouped_gemm(x[:, :8], w, offsets)
+    elif case == "empty_k":
+        grouped_gemm(x[:, :0], w[:, :0], offsets)
+    elif case == "no_experts":
+        grouped_gemm(x, w[:0], offsets[:1])
     elif case == "backend":
         expert_mlp(x, offsets, torch.zeros(2, 16, 8, device=device), torch.zeros(2, 4, 16, device=device),
                    backend="cuda")
@@ -141,7 +145,7 @@ def _check_gemm(got, counts, K, N, seed, what, **layout):
     check_close(got["dw"], dw, name=f"{what} (dW, zero for an expert without rows)", inputs=inputs, atol=ATOL)
 
 
-CASES = [([5, 0, 17, 1], 40, 48), ([0, 32, 16], 64, 64), ([3, 0, 0], 32, 16), ([2, 0, 0, 7, 0, 1, 0, 0, 19], 16, 40)]
+CASES = [([5, 0, 37, 1], 40, 48), ([0, 32, 16], 64, 64), ([3, 0, 0], 32, 16), ([2, 0, 0, 7, 0, 1, 0, 0, 19], 16, 40)]
 
 
 @pytest.mark.points(2)
@@ -156,7 +160,7 @@ def test_torch_loop_matches_float64(student, counts, K, N):
 @pytest.mark.time_limit(120)
 @pytest.mark.parametrize("counts,K,N", CASES)
 def test_grouped_gemm_forward_and_backward(student, counts, K, N):
-    """The Triton grouped GEMM: Y, dX and dW against float64 per-expert matmuls. Ragged slices (5, 17, 1, 19 rows),
+    """The Triton grouped GEMM: Y, dX and dW against float64 per-expert matmuls. Ragged slices (5, 37, 1, 19 rows),
     empty experts first, in the middle and last, K and N that are not multiples of the tile, E = 9 (not a power of
     two)."""
     got = student.run(gemm_of, counts, K, N, 11, "triton", _device())
@@ -185,7 +189,7 @@ def test_grouped_gemm_with_no_rows(student):
 @pytest.mark.time_limit(120)
 def test_one_launch_each(student):
     """Forward: one launch of _grouped_gemm_kernel for all experts; backward: one more (dX) and one
-    _grouped_dw_kernel (dW)."""
+    _grouped_dw_kernel (dW), each only when that gradient is needed."""
     got = student.run(launches_of, [4, 0, 9, 3, 20], 32, 32, _device())
     assert tuple(got["forward"]) == (1, 0), (
         f"grouped_gemm forward launched _grouped_gemm_kernel {got['forward'][0]} times and _grouped_dw_kernel "
@@ -193,6 +197,12 @@ def test_one_launch_each(student):
     assert tuple(got["total"]) == (2, 1), (
         f"forward + backward launched _grouped_gemm_kernel {got['total'][0]} and _grouped_dw_kernel "
         f"{got['total'][1]} times; expected 2 (Y, dX) and 1 (dW)")
+    for x_grad, w_grad, want in ((True, False, (2, 0)), (False, True, (1, 1))):
+        got = student.run(launches_of, [4, 0, 9], 16, 16, _device(), x_grad, w_grad)
+        assert tuple(got["total"]) == want, (
+            f"grouped_gemm with x.requires_grad={x_grad}, w.requires_grad={w_grad}: forward + backward launched "
+            f"_grouped_gemm_kernel {got['total'][0]} and _grouped_dw_kernel {got['total'][1]} times, expected "
+            f"{want} (compute only the gradients autograd asks for: ctx.needs_input_grad)")
 
 
 def _expected_mlp(counts, C, F, seed):
@@ -227,9 +237,11 @@ def test_expert_mlp_is_swiglu_per_expert(student, backend):
     ("dtype_mismatch", TypeError, "same dtype"), ("unsupported_dtype", TypeError, "float64"),
     ("float_offsets", TypeError, "offsets"), ("offsets_end", ValueError, "offsets"),
     ("offsets_decrease", ValueError, "offsets"), ("offsets_length", ValueError, "offsets"),
-    ("k_mismatch", ValueError, "K"), ("backend", ValueError, "backend"), ("mlp_shapes", ValueError, "w_down")])
+    ("k_mismatch", ValueError, "K"), ("empty_k", ValueError, "non-empty"), ("no_experts", ValueError, "expert"),
+    ("backend", ValueError, "backend"), ("mlp_shapes", ValueError, "w_down")])
 def test_bad_input_is_refused(student, case, error, match):
     """Mismatched or unsupported dtypes (TypeError); offsets that do not start at 0, decrease, miss the end or have
-    the wrong length, a K that does not match, an unknown backend, mismatched expert weights (ValueError)."""
+    the wrong length, a K that does not match, an empty K or no expert, an unknown backend, mismatched expert
+    weights (ValueError)."""
     with pytest.raises(error, match=match):
         student.run(raise_for, case, _device())

@@ -44,6 +44,15 @@ def mixtral_layer_of(state: dict, config: dict, x: torch.Tensor, seed: int) -> d
             "returned_self": returned is layer}
 
 
+def edge_configs() -> list:
+    """Configurations at the edges of what is allowed; each must construct without error."""
+    from lab09_moe.moe_layer import MoEConfig
+
+    made = [MoEConfig(num_experts=1, top_k=1, ffn_width=1, capacity_factor=1e-3, aux_loss_coef=0.0, z_loss_coef=0.0),
+            MoEConfig(num_experts=3, top_k=3, routing="expert_choice", backend="torch", renormalize=False)]
+    return [(c.num_experts, c.top_k, c.ffn_width, c.routing, c.backend) for c in made]
+
+
 def raise_for(case: str) -> None:
     from lab09_moe.moe_layer import MoEConfig, MoELayer
 
@@ -61,6 +70,10 @@ def raise_for(case: str) -> None:
         MoEConfig(backend="cuda")
     elif case == "negative_coef":
         MoEConfig(aux_loss_coef=-0.1)
+    elif case == "negative_z_coef":
+        MoEConfig(z_loss_coef=-0.1)
+    elif case == "no_ffn":
+        MoEConfig(ffn_width=0)
     elif case == "dtype":
         MoELayer(8, MoEConfig(num_experts=2, top_k=1, ffn_width=4, backend="torch"))(torch.ones(3, 8,
                                                                                                dtype=torch.float64))
@@ -226,12 +239,21 @@ def test_equivalent_to_hugging_face_mixtral(student):
                 inputs=inputs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.points(1)
+def test_edge_configs_are_accepted(student):
+    """E = k = F = 1 with a tiny capacity factor and zero coefficients; k = E with expert choice: all valid."""
+    got = student.run(edge_configs)
+    assert got == [(1, 1, 1, "token_choice", "triton"), (3, 3, 128, "expert_choice", "torch")], (
+        f"MoEConfig at the edges of the allowed values: {got}")
+
+
 @pytest.mark.points(3)
 @pytest.mark.parametrize("case,error,match", [
     ("top_k_too_large", ValueError, "top_k"), ("top_k_zero", ValueError, "top_k"),
     ("no_experts", ValueError, "num_experts"), ("capacity_factor", ValueError, "capacity_factor"),
     ("routing", ValueError, "routing"), ("backend", ValueError, "backend"),
-    ("negative_coef", ValueError, "aux_loss_coef"), ("dtype", TypeError, "float64"), ("width", ValueError, "width")])
+    ("negative_coef", ValueError, "aux_loss_coef"), ("negative_z_coef", ValueError, "z_loss_coef"),
+    ("no_ffn", ValueError, "ffn_width"), ("dtype", TypeError, "float64"), ("width", ValueError, "width")])
 def test_bad_input_is_refused(student, case, error, match):
     """MoEConfig refuses top_k outside [1, E], no experts, a capacity factor <= 0, unknown routing or backend,
     negative coefficients; the layer refuses an input of another dtype (TypeError) or width."""

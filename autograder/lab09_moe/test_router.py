@@ -100,6 +100,12 @@ def raise_for(case: str) -> None:
         router.route(logits[None], top_k=2)
     elif case == "expert_choice_capacity":
         router.expert_choice_routing(logits, 7)
+    elif case == "capacity_no_experts":
+        router.expert_capacity(8, 0, 1, 1.0)
+    elif case == "capacity_top_k_zero":
+        router.expert_capacity(8, 4, 0, 1.0)
+    elif case == "capacity_factor_zero":
+        router.expert_capacity(8, 4, 2, 0.0)
 
 
 # -----------------------------------------------------------------------------
@@ -202,7 +208,7 @@ def test_balancing_loss_at_the_extremes(student):
 
 @pytest.mark.points(2)
 @pytest.mark.parametrize("T,E,k,cf", [(16, 4, 1, 1.0), (10, 4, 2, 1.25), (7, 3, 2, 0.5), (9, 8, 2, 1.5),
-                                      (1, 16, 1, 1.0)])
+                                      (1, 16, 1, 1.0), (5, 1, 1, 1.0)])
 def test_expert_capacity(student, T, E, k, cf):
     """capacity = ceil(cf * k * T / E)."""
     from autograder.lab09_moe.expected import capacity_of as expected_capacity
@@ -286,8 +292,11 @@ def test_expert_choice_routing(student, T, E, capacity):
 @pytest.mark.points(3)
 @pytest.mark.parametrize("case,match", [("top_k_too_large", "top_k"), ("top_k_zero", "top_k"),
                                         ("route_top_k_too_large", "top_k"), ("capacity_factor", "capacity"),
-                                        ("not_2d", "T, E"), ("expert_choice_capacity", "capacity")])
+                                        ("not_2d", "T, E"), ("expert_choice_capacity", "capacity"),
+                                        ("capacity_no_experts", "num_experts"), ("capacity_top_k_zero", "top_k"),
+                                        ("capacity_factor_zero", "capacity_factor")])
 def test_bad_input_is_refused(student, case, match):
-    """top_k outside [1, E], a capacity factor <= 0, logits that are not (T, E), an expert-choice capacity > T."""
+    """top_k outside [1, E], a capacity factor <= 0, logits that are not (T, E), an expert-choice capacity > T,
+    expert_capacity with no experts or k = 0."""
     with pytest.raises(ValueError, match=match):
         student.run(raise_for, case)

@@ -113,10 +113,21 @@ def imbalance_study(aux_loss_coefs: list[float], *, steps: int = 60, num_experts
     """Train the tiny MoE decoder once per aux_loss_coef and record the load imbalance at every step.
 
     The same initial weights and batches for every run; a router initialised 10x larger than usual starts the
-    runs unbalanced, so the effect of the balancing loss shows within tens of steps on a CPU.
+    runs unbalanced, so the effect of the balancing loss shows within tens of steps on a CPU. (Given: it only runs
+    your apply_moe, train_moe and load_imbalance.)
 
     Returns:
         {coef: [imbalance per step, averaged over the layers]}.
     """
-    # TODO (lab09): your code here
-    raise NotImplementedError("lab09: imbalance_study is not implemented yet (lab09_moe/arithmetic.py)")
+    curves = {}
+    for coef in aux_loss_coefs:
+        torch.manual_seed(seed)
+        model = Transformer(ModelConfig.preset("tiny", max_seq_len=64))
+        config = MoEConfig(num_experts=num_experts, top_k=top_k, ffn_width=64, aux_loss_coef=coef, backend="torch")
+        apply_moe(model, config=config)
+        with torch.no_grad():
+            for block in model.blocks:
+                block.mlp.router.weight.mul_(10.0)  # a confident, unbalanced router to start from
+        history = train_moe(model, steps=steps, batch_size=8, seq_len=64, lr=3e-3, seed=seed)
+        curves[coef] = [load_imbalance(torch.tensor(step)) for step in history["counts"]]
+    return curves

@@ -119,3 +119,22 @@ class AllToAll(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         # TODO (lab09): your code here
         raise NotImplementedError("lab09: AllToAll.backward is not implemented yet (lab09_moe/expert_parallel.py)")
+
+
+# -----------------------------------------------------------------------------
+# Demo (given): one rank of the notebook's comparison with the unsharded layer
+
+
+def demo_rank(info, state: dict, xs: list[torch.Tensor], config: dict) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Rank `info.rank` of `common.launch.run_distributed(demo_rank, world_size=P, args=(state, xs, config))`:
+    the expert-parallel layer (over the mesh's dp axis) on this rank's tokens xs[rank]; returns (output, the shape of
+    this rank's w_gate_up shard)."""
+    from common.mesh import build_mesh
+
+    from .moe_layer import MoEConfig
+
+    layer = MoELayer(xs[0].shape[-1], MoEConfig(**config))
+    layer.load_state_dict(state)
+    sharded = ExpertParallelMoE(layer, ep_group=build_mesh(dp=info.world_size).dp_group)
+    with torch.no_grad():
+        return sharded(xs[info.rank]), tuple(sharded.w_gate_up.shape)

@@ -134,12 +134,12 @@ def imbalance_study(aux_loss_coefs: list[float], *, steps: int = 60, num_experts
     """Train the tiny MoE decoder once per aux_loss_coef and record the load imbalance at every step.
 
     The same initial weights and batches for every run; a router initialised 10x larger than usual starts the
-    runs unbalanced, so the effect of the balancing loss shows within tens of steps on a CPU.
+    runs unbalanced, so the effect of the balancing loss shows within tens of steps on a CPU. (Given: it only runs
+    your apply_moe, train_moe and load_imbalance.)
 
     Returns:
         {coef: [imbalance per step, averaged over the layers]}.
     """
-    # BEGIN SOLUTION
     curves = {}
     for coef in aux_loss_coefs:
         torch.manual_seed(seed)
@@ -152,4 +152,3 @@ def imbalance_study(aux_loss_coefs: list[float], *, steps: int = 60, num_experts
         history = train_moe(model, steps=steps, batch_size=8, seq_len=64, lr=3e-3, seed=seed)
         curves[coef] = [load_imbalance(torch.tensor(step)) for step in history["counts"]]
     return curves
-    # END SOLUTION
