@@ -303,17 +303,22 @@ def _grouped_gemm_kernel(
     if expert >= num_experts:
         return  # a surplus program of the upper-bound grid
     row_start = tl.load(OFFSETS + expert) + (m_tile - tl.load(TILE_OFFSETS + expert)) * BLOCK_M
-    row_end = tl.load(OFFSETS + expert + 1)
+    # rows from this tile's first row to the end of e's slice (the tile holds the first BLOCK_M of them); int32 keeps
+    # the offsets below 32-bit even when `offsets` is int64
+    num_rows = (tl.load(OFFSETS + expert + 1) - row_start).to(tl.int32)
 
-    rows = row_start + tl.arange(0, BLOCK_M)
+    # 64-bit scalar bases, 32-bit offsets inside the tile: a tensor of 64-bit offsets costs registers (it spills)
+    x_base = X + row_start.to(tl.int64) * stride_xm
+    w_base = W + expert.to(tl.int64) * stride_we
+    rows = tl.arange(0, BLOCK_M)
     cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     # clamp rows and wrap columns so every load is in bounds without a mask; those rows and columns are never stored
     # (with N a multiple of 16, Triton still proves 16 contiguous columns after the % and vectorises the loads)
-    rows_in = tl.minimum(rows, row_end - 1).to(tl.int64)
+    rows_in = tl.minimum(rows, num_rows - 1)
     cols_in = cols % N
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = X + rows_in[:, None] * stride_xm + ks[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
-    w_ptrs = W + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols_in[None, :] * stride_wn
+    x_ptrs = x_base + (rows_in[:, None] * stride_xm + ks[None, :] * stride_xk)  # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_base + (ks[:, None] * stride_wk + cols_in[None, :] * stride_wn)  # (BLOCK_K, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # fp32 accumulation
     for k in range(0, K, BLOCK_K):
@@ -327,8 +332,8 @@ def _grouped_gemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    y_ptrs = Y + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(rows[:, None] < row_end) & (cols[None, :] < N))
+    y_ptrs = Y + row_start.to(tl.int64) * stride_ym + (rows[:, None] * stride_ym + cols[None, :] * stride_yn)
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(rows[:, None] < num_rows) & (cols[None, :] < N))
     # END SOLUTION
 
 
@@ -388,31 +393,31 @@ def _grouped_dw_kernel(
     n_tile = (pid % tiles_per_group) // group_size
 
     row_start = tl.load(OFFSETS + expert)
-    row_end = tl.load(OFFSETS + expert + 1)
-    full_end = row_start + (row_end - row_start) // BLOCK_K * BLOCK_K  # rows [row_start, full_end): no mask needed
+    num_rows = (tl.load(OFFSETS + expert + 1) - row_start).to(tl.int32)  # int32: 32-bit offsets below
+    num_full = num_rows // BLOCK_K * BLOCK_K  # rows [0, num_full) of the slice: whole steps, no mask needed
     offs_k = k_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k_in = offs_k % K  # wrapped into bounds: only the tile's entries < K, < N are stored
     offs_n_in = offs_n % N
     steps = tl.arange(0, BLOCK_K)
-    rows = (row_start + steps).to(tl.int64)
-    x_ptrs = X + rows[:, None] * stride_xm + offs_k_in[None, :] * stride_xk  # (BLOCK_K, BLOCK_M): rows x K-columns
-    dy_ptrs = DY + rows[:, None] * stride_dym + offs_n_in[None, :] * stride_dyn  # (BLOCK_K, BLOCK_N)
+    # 64-bit scalar bases at the slice's first row, 32-bit offsets inside the tile (fewer registers)
+    x_ptrs = X + row_start.to(tl.int64) * stride_xm + (steps[:, None] * stride_xm + offs_k_in[None, :] * stride_xk)
+    dy_ptrs = DY + row_start.to(tl.int64) * stride_dym + (steps[:, None] * stride_dym + offs_n_in[None, :] * stride_dyn)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # fp32 accumulation
-    for _ in range(row_start, full_end, BLOCK_K):
-        a = tl.load(x_ptrs)
-        b = tl.load(dy_ptrs)
+    for _ in range(0, num_full, BLOCK_K):
+        a = tl.load(x_ptrs)  # (BLOCK_K, BLOCK_M): rows x K-columns
+        b = tl.load(dy_ptrs)  # (BLOCK_K, BLOCK_N)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xm
         dy_ptrs += BLOCK_K * stride_dym
-    if full_end < row_end:  # the ragged last step: rows past the slice read zeros
-        inside = (full_end + steps)[:, None] < row_end
+    if num_full < num_rows:  # the ragged last step: rows past the slice read zeros
+        inside = (num_full + steps)[:, None] < num_rows
         a = tl.load(x_ptrs, mask=inside, other=0.0)
         b = tl.load(dy_ptrs, mask=inside, other=0.0)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
 
-    dw_ptrs = DW + expert.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    dw_ptrs = DW + expert.to(tl.int64) * stride_we + (offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn)
     tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
     # END SOLUTION
 
