@@ -156,7 +156,7 @@ def test_round_trip_with_normalised_weights_is_the_identity(student):
     experts = _assignments(T, E, k, seed=4)
     x = random_tensor(T, 5, dtype=torch.float64, seed=4)
     weights = torch.rand(T, k, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights /= weights.sum(dim=1, keepdim=True)  # each token's weights sum to 1
     got = student.run(round_trip, x, experts, weights / torch.tensor([[1.0 + (t * k + j) / 10 for j in range(k)]
                                                                        for t in range(T)], dtype=torch.float64),
                       E, None, 1)

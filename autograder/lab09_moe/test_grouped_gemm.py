@@ -41,8 +41,7 @@ def gemm_of(counts: list[int], K: int, N: int, seed: int, backend: str, device: 
 
     x, w, offsets = _operands(counts, K, N, seed, transposed_w=transposed_w, strided_x=strided_x)
     x, w = x.to(device).requires_grad_(True), w.to(device).requires_grad_(True)
-    gemm = grouped_gemm if backend == "triton" else grouped_gemm_torch
-    y = gemm(x, w, offsets.to(device))
+    y = (grouped_gemm if backend == "triton" else grouped_gemm_torch)(x, w, offsets.to(device))
     probe = random_tensor(*y.shape, seed=seed + 2).to(device)
     (y * probe).sum().backward()
     return {"y": y.detach().cpu(), "dx": x.grad.cpu(), "dw": w.grad.cpu()}

@@ -33,7 +33,7 @@ def loss_of(state: dict, config: dict, tokens: torch.Tensor, targets: torch.Tens
 
     model = apply_moe(tiny_model(num_layers=2), config=MoEConfig(**config))
     model.load_state_dict(state)
-    loss, parts = moe_loss(model, tokens, targets)
+    loss, parts = moe_loss(model, tokens=tokens, targets=targets)
     loss.backward()
     return {"loss": loss.detach(), "parts": parts, "grads": {n: p.grad for n, p in model.named_parameters()}}
 

@@ -22,7 +22,7 @@ def top_k_of(logits: torch.Tensor, top_k: int, renormalize: bool, seed: int) -> 
     from lab09_moe.router import top_k_routing
 
     logits = logits.clone().requires_grad_(True)
-    weights, experts, probs = top_k_routing(logits, top_k, renormalize=renormalize)
+    weights, experts, probs = top_k_routing(logits, top_k=top_k, renormalize=renormalize)
     probe = random_tensor(*weights.shape, dtype=weights.dtype, seed=seed)
     (weights * probe).sum().backward()
     return {"weights": weights.detach(), "experts": experts, "probs": probs.detach(), "grad": logits.grad}
