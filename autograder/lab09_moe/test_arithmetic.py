@@ -90,7 +90,7 @@ def test_parameter_count_matches_the_built_model(student):
 @pytest.mark.points(2)
 @pytest.mark.parametrize("T,C,k,P,b,backward", [(4096, 2048, 2, 8, 2, False), (1000, 64, 1, 4, 4, True),
                                                 (512, 128, 6, 1, 2, False), (0, 64, 2, 2, 2, True),
-                                                (333, 96, 3, 3, 1, False)])
+                                                (333, 96, 3, 3, 1, False), (10, 1, 1, 2, 1, False)])
 def test_all_to_all_bytes(student, T, C, k, P, b, backward):
     """Per rank and MoE layer, uniform routing: T k C b (P - 1) / P per all-to-all, 2 in forward, 4 with backward."""
     kwargs = dict(num_tokens=T, width=C, top_k=k, ep_size=P, bytes_per_element=b, backward=backward)

@@ -61,7 +61,7 @@ def raise_for(case: str) -> None:
     if case == "expert_out_of_range":
         make_dispatch(experts, 3 if int(experts.max()) == 3 else 2)
     elif case == "negative_expert":
-        make_dispatch(experts - 1 - int(experts.max()), 4)
+        make_dispatch(experts - 1 - int(experts.min()), 4)  # the smallest index is -1
     elif case == "keep_shape":
         make_dispatch(experts, 4, keep=torch.ones(5, 1, dtype=torch.bool))
 

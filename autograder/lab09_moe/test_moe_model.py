@@ -48,6 +48,17 @@ def trained(config: dict, steps: int, lr: float) -> dict:
     return train_moe(model, steps=steps, batch_size=8, seq_len=32, lr=lr, seed=0, max_tokens=20_000)
 
 
+def trained_from(state: dict, config: dict, steps: int, lr: float) -> dict:
+    """train_moe from the grader's weights (fp64), a few steps on small batches."""
+    from common.testing import tiny_model
+    from lab09_moe.moe_layer import MoEConfig
+    from lab09_moe.moe_model import apply_moe, train_moe
+
+    model = apply_moe(tiny_model(num_layers=2), config=MoEConfig(**config))
+    model.load_state_dict(state)
+    return train_moe(model, steps=steps, batch_size=2, seq_len=12, lr=lr, seed=3, max_tokens=20_000)
+
+
 # -----------------------------------------------------------------------------
 # Tests: run in the grader
 
@@ -125,3 +136,28 @@ def test_training_reduces_the_loss(student):
             f"train_moe: step {step} counts {tables}; expected one list of E = 4 counts per layer summing to "
             f"B * N * k = {8 * 32 * k}")
     assert all(math.isfinite(a) and a > 0 for a in got["aux"]), f"train_moe recorded aux losses {got['aux'][:5]}..."
+
+
+@pytest.mark.points(2)
+def test_train_moe_takes_the_documented_adamw_steps(student):
+    """The first 3 steps of train_moe (fp64, batch 2 x 12, seed 3) equal AdamW (betas (0.9, 0.95), no weight decay)
+    on moe_loss over the same batches (common.data.batches on the corpus's training split): the recorded total and
+    cross-entropy losses of every step."""
+    from autograder.lab09_moe.expected import dense_moe_model, model_loss, model_state
+    from common.data import batches, load_corpus, split_corpus
+
+    config = dict(num_experts=4, top_k=2, ffn_width=16, aux_loss_coef=0.2, z_loss_coef=0.01, backend="torch")
+    state = model_state(num_layers=2, num_experts=4, ffn_width=16, seed=21)
+    got = student.run(trained_from, state, config, 3, 1e-2)
+    model = dense_moe_model(state, num_layers=2, top_k=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    train, _ = split_corpus(load_corpus(max_tokens=20_000))
+    totals = []
+    for tokens, targets in batches(train, batch_size=2, seq_len=12, seed=3, num_batches=3):
+        loss = model_loss(model, tokens, targets, aux_loss_coef=0.2, z_loss_coef=0.01)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        totals.append(loss.item())
+    check_close(torch.tensor(got["loss"], dtype=torch.float64), torch.tensor(totals, dtype=torch.float64),
+                name="train_moe (total loss at steps 1..3)", inputs=describe(steps=3, lr=1e-2, batch=(2, 12)))

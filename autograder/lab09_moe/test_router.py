@@ -100,6 +100,8 @@ def raise_for(case: str) -> None:
         router.route(logits[None], top_k=2)
     elif case == "expert_choice_capacity":
         router.expert_choice_routing(logits, 7)
+    elif case == "expert_choice_no_capacity":
+        router.expert_choice_routing(logits, 0)
     elif case == "capacity_no_experts":
         router.expert_capacity(8, 0, 1, 1.0)
     elif case == "capacity_top_k_zero":
@@ -293,10 +295,11 @@ def test_expert_choice_routing(student, T, E, capacity):
 @pytest.mark.parametrize("case,match", [("top_k_too_large", "top_k"), ("top_k_zero", "top_k"),
                                         ("route_top_k_too_large", "top_k"), ("capacity_factor", "capacity"),
                                         ("not_2d", "T, E"), ("expert_choice_capacity", "capacity"),
+                                        ("expert_choice_no_capacity", "capacity"),
                                         ("capacity_no_experts", "num_experts"), ("capacity_top_k_zero", "top_k"),
                                         ("capacity_factor_zero", "capacity_factor")])
 def test_bad_input_is_refused(student, case, match):
-    """top_k outside [1, E], a capacity factor <= 0, logits that are not (T, E), an expert-choice capacity > T,
+    """top_k outside [1, E], a capacity factor <= 0, logits that are not (T, E), an expert-choice capacity outside [1, T],
     expert_capacity with no experts or k = 0."""
     with pytest.raises(ValueError, match=match):
         student.run(raise_for, case)

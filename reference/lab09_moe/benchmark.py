@@ -212,7 +212,7 @@ def time_variants(problem: dict, fns: dict, args) -> dict:
         calls = {name: (lambda f=fns[name][0], a=fns[name][1], b=fns[name][2]: _run(problem, f, a, b,
                                                                                       backward=backward))
                  for name in names}
-        timing = interleaved(calls, rounds=args.rounds, reps=args.reps, warmup=3)
+        timing = interleaved(calls, rounds=args.rounds, reps=args.reps, warmup=1 if args.smoke else 3)
         flops = problem["flops"] * (3 if backward else 1)
         entry = {"timing": timing.as_dict(), "tflops": {}, "ratios": {}}
         print(f"  {label}:")
