@@ -100,9 +100,12 @@ def test_all_to_all_bytes(student, T, C, k, P, b, backward):
 
 
 @pytest.mark.points(1)
-def test_all_to_all_bytes_refuses_bad_sizes(student):
+@pytest.mark.parametrize("bad", [dict(ep_size=0), dict(width=0), dict(top_k=0), dict(bytes_per_element=0),
+                                 dict(num_tokens=-1)])
+def test_all_to_all_bytes_refuses_bad_sizes(student, bad):
+    """A zero width, k, P or element size, or a negative T: ValueError."""
     with pytest.raises(ValueError, match="positive"):
-        student.run(bytes_of, dict(num_tokens=10, width=64, top_k=2, ep_size=0, bytes_per_element=2))
+        student.run(bytes_of, {**dict(num_tokens=10, width=64, top_k=2, ep_size=4, bytes_per_element=2), **bad})
 
 
 @pytest.mark.points(2)

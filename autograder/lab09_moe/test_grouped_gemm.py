@@ -109,6 +109,18 @@ def raise_for(case: str, device: str) -> None:
         grouped_gemm(x, w, offsets[:2])
     elif case == "k_mismatch":
         grouped_gemm(x[:, :8], w, offsets)
+    elif case == "x_not_2d":
+        grouped_gemm(x[None], w, offsets)
+    elif case == "offsets_start":
+        grouped_gemm(x, w, torch.tensor([1, 3, 5], device=device))
+    elif case == "empty_n":
+        grouped_gemm(x, w[:, :, :0], offsets)
+    elif case == "mlp_down_dtype":
+        expert_mlp(x, offsets, torch.zeros(2, 16, 8, device=device), torch.zeros(2, 4, 16, device=device).double(),
+                   backend="triton")
+    elif case == "mlp_odd_gate_up":
+        expert_mlp(x, offsets, torch.zeros(2, 16, 9, device=device), torch.zeros(2, 4, 16, device=device),
+                   backend="torch")
     elif case == "empty_k":
         grouped_gemm(x[:, :0], w[:, :0], offsets)
     elif case == "no_experts":
@@ -235,12 +247,14 @@ def test_expert_mlp_is_swiglu_per_expert(student, backend):
 @pytest.mark.parametrize("case,error,match", [
     ("dtype_mismatch", TypeError, "same dtype"), ("unsupported_dtype", TypeError, "float64"),
     ("float_offsets", TypeError, "offsets"), ("offsets_end", ValueError, "offsets"),
-    ("offsets_decrease", ValueError, "offsets"), ("offsets_length", ValueError, "offsets"),
-    ("k_mismatch", ValueError, "K"), ("empty_k", ValueError, "non-empty"), ("no_experts", ValueError, "expert"),
-    ("backend", ValueError, "backend"), ("mlp_shapes", ValueError, "w_down")])
+    ("offsets_decrease", ValueError, "offsets"), ("offsets_length", ValueError, r"E \+ 1 = 3 entries .*got 2"),
+    ("offsets_start", ValueError, "start at 0"), ("k_mismatch", ValueError, "K = 8"),
+    ("x_not_2d", ValueError, r"\(A, K\)"), ("empty_k", ValueError, "non-empty"), ("empty_n", ValueError, "non-empty"),
+    ("no_experts", ValueError, "expert"), ("backend", ValueError, "backend"), ("mlp_shapes", ValueError, "w_down"),
+    ("mlp_odd_gate_up", ValueError, "w_gate_up"), ("mlp_down_dtype", TypeError, "same dtype")])
 def test_bad_input_is_refused(student, case, error, match):
-    """Mismatched or unsupported dtypes (TypeError); offsets that do not start at 0, decrease, miss the end or have
-    the wrong length, a K that does not match, an empty K or no expert, an unknown backend, mismatched expert
-    weights (ValueError)."""
+    """Mismatched or unsupported dtypes (TypeError), in expert_mlp's second GEMM too; x not 2-D, offsets that do not
+    start at 0, decrease, miss the end or have the wrong length, a K that does not match, an empty K or N, no
+    expert, an unknown backend, expert weights whose shapes disagree or an odd 2F (ValueError)."""
     with pytest.raises(error, match=match):
         student.run(raise_for, case, _device())

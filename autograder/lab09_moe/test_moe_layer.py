@@ -54,7 +54,7 @@ def edge_configs() -> list:
 
 
 def raise_for(case: str) -> None:
-    from lab09_moe.moe_layer import MoEConfig, MoELayer
+    from lab09_moe.moe_layer import MoEConfig, MoELayer, load_mixtral_weights
 
     if case == "top_k_too_large":
         MoEConfig(num_experts=4, top_k=5)
@@ -63,7 +63,13 @@ def raise_for(case: str) -> None:
     elif case == "no_experts":
         MoEConfig(num_experts=0, top_k=1)
     elif case == "capacity_factor":
-        MoEConfig(capacity_factor=-1.0)
+        MoEConfig(capacity_factor=-0.5)
+    elif case == "capacity_factor_zero":
+        MoEConfig(capacity_factor=0.0)
+    elif case == "mixtral_shapes":
+        layer = MoELayer(8, MoEConfig(num_experts=2, top_k=1, ffn_width=4, backend="torch"))
+        load_mixtral_weights(layer, {"gate.weight": torch.zeros(2, 8), "experts.gate_up_proj": torch.zeros(2, 10, 8),
+                                     "experts.down_proj": torch.zeros(2, 8, 5)})
     elif case == "routing":
         MoEConfig(routing="random")
     elif case == "backend":
@@ -250,12 +256,14 @@ def test_edge_configs_are_accepted(student):
 @pytest.mark.points(3)
 @pytest.mark.parametrize("case,error,match", [
     ("top_k_too_large", ValueError, "top_k"), ("top_k_zero", ValueError, "top_k"),
-    ("no_experts", ValueError, "num_experts"), ("capacity_factor", ValueError, "capacity_factor"),
+    ("no_experts", ValueError, "ffn_width"), ("capacity_factor", ValueError, "capacity_factor"),
+    ("capacity_factor_zero", ValueError, "capacity_factor"), ("mixtral_shapes", ValueError, "gate_up_proj"),
     ("routing", ValueError, "routing"), ("backend", ValueError, "backend"),
     ("negative_coef", ValueError, "aux_loss_coef"), ("negative_z_coef", ValueError, "z_loss_coef"),
-    ("no_ffn", ValueError, "ffn_width"), ("dtype", TypeError, "float64"), ("width", ValueError, "width")])
+    ("no_ffn", ValueError, "ffn_width"), ("dtype", TypeError, "float64"), ("width", ValueError, "width 6")])
 def test_bad_input_is_refused(student, case, error, match):
     """MoEConfig refuses top_k outside [1, E], no experts, a capacity factor <= 0, unknown routing or backend,
-    negative coefficients; the layer refuses an input of another dtype (TypeError) or width."""
+    negative coefficients; the layer refuses an input of another dtype (TypeError) or width; load_mixtral_weights
+    refuses a block of another shape."""
     with pytest.raises(error, match=match):
         student.run(raise_for, case)

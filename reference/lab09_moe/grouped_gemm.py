@@ -80,8 +80,8 @@ def gemm_config(x: torch.Tensor, *, weight_grad: bool = False) -> GemmConfig:
     """
     if x.device.type != "cuda":
         # the interpreter runs each tile op in numpy: few mid-sized tiles are fastest, and 16 rows still leave
-        # ragged tails in the tests' slices
-        return GemmConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=1, num_stages=1)
+        # ragged tails in the tests' slices; groups of 3 m-tiles leave partial groups at the end of the grid
+        return GemmConfig(block_m=16, block_n=32, block_k=32, group_m=3, num_warps=1, num_stages=1)
     if x.dtype == torch.float32:
         # fp32 is for checking correctness on a GPU: 4-byte tiles need small blocks to fit in shared memory
         return GemmConfig(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=2)
@@ -109,8 +109,8 @@ def grouped_gemm_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) 
     """
     # BEGIN SOLUTION
     bounds = offsets.tolist()  # one host sync: the loop needs every slice length
-    pieces = [x[bounds[e]:bounds[e + 1]] @ w[e] for e in range(w.shape[0])]
-    return torch.cat(pieces, dim=0) if pieces else x.new_zeros(0, w.shape[2])
+    pieces = [x[bounds[e]:bounds[e + 1]] @ w[e] for e in range(w.shape[0])]  # E >= 1 matmuls, empty ones included
+    return torch.cat(pieces, dim=0)
     # END SOLUTION
 
 
@@ -218,7 +218,7 @@ def check_grouped_inputs(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
     # one host sync: the kernel trusts these bounds for every load
     if values and bool((offsets[0] != 0) | (offsets[-1] != x.shape[0]) | (offsets[1:] < offsets[:-1]).any()):
         raise ValueError(f"offsets must start at 0, never decrease, and end at A = {x.shape[0]}; got "
-                         f"{offsets.tolist() if offsets.numel() <= 16 else '...'}")
+                         f"{offsets.tolist()}")
     # END SOLUTION
 
 
