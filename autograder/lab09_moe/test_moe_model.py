@@ -83,7 +83,8 @@ def test_apply_moe_replaces_every_mlp(student, dtype_name):
     assert got["all_moe"], f"apply_moe: the blocks' MLPs are {got['mlp_types']}, expected MoELayer everywhere"
     assert got["params"] == want, (
         "apply_moe: parameters (name: shape, dtype) differ from the expected ones: "
-        f"missing {sorted(set(want) - set(got['params']))[:4]}, unexpected {sorted(set(got['params']) - set(want))[:4]}, "
+        f"missing {sorted(set(want) - set(got['params']))[:4]}, "
+        f"unexpected {sorted(set(got['params']) - set(want))[:4]}, "
         f"different {[n for n in want if n in got['params'] and got['params'][n] != want[n]][:4]}")
     assert got["layers_found"] == 3, f"moe_layers found {got['layers_found']} MoE layers in a 3-block model"
 

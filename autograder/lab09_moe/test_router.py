@@ -299,7 +299,7 @@ def test_expert_choice_routing(student, T, E, capacity):
                                         ("capacity_no_experts", "num_experts"), ("capacity_top_k_zero", "top_k"),
                                         ("capacity_factor_zero", "capacity_factor")])
 def test_bad_input_is_refused(student, case, match):
-    """top_k outside [1, E], a capacity factor <= 0, logits that are not (T, E), an expert-choice capacity outside [1, T],
-    expert_capacity with no experts or k = 0."""
+    """top_k outside [1, E], a capacity factor <= 0, logits that are not (T, E), an expert-choice capacity outside
+    [1, T], expert_capacity with no experts or k = 0."""
     with pytest.raises(ValueError, match=match):
         student.run(raise_for, case)

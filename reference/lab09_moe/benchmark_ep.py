@@ -41,7 +41,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU check of this script: 2 gloo ranks, tiny shapes")
     args = parser.parse_args()
     if args.smoke:
-        args.tokens, args.width, args.experts, args.top_k, args.ffn_width, args.rounds, args.reps = 16, 32, 4, 2, 16, 2, 2
+        args.tokens, args.width, args.experts, args.top_k, args.ffn_width = 16, 32, 4, 2, 16
+        args.rounds, args.reps = 2, 2
     if "WORLD_SIZE" not in os.environ:
         if not args.smoke:
             raise SystemExit("launch with torchrun on 2+ GPUs, e.g. `torchrun --nproc_per_node 4 -m "
@@ -154,7 +155,8 @@ def report(result: dict, out: Path | None) -> None:
     shape = result["shape"]
     print(f"{result['world_size']} ranks ({result['backend']}, {result['environment'].get('gpu') or 'cpu'}), "
           f"T={shape['tokens_per_rank']} per rank, C={shape['width']}, E{shape['experts']} top-{shape['top_k']} "
-          f"F{shape['ffn_width']}, {shape['dtype']}; max |EP - replicated| = {result['max_abs_error_vs_replicated']:.3g}")
+          f"F{shape['ffn_width']}, {shape['dtype']}; "
+          f"max |EP - replicated| = {result['max_abs_error_vs_replicated']:.3g}")
     for label in ("forward", "forward+backward"):
         times = result["times_ms"][label]
         ratio = times["expert parallel"] / times["replicated"]

@@ -263,7 +263,7 @@ def _launch_grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
     _grouped_gemm_kernel[grid](
         x, w, y, offsets, tile_offsets,
         N, K, E, num_m_tiles,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
+        *x.stride(), *w.stride(), *y.stride(),  # (A, K), (E, K, N), (A, N)
         EXPERTS_POW2=triton.next_power_of_2(E), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0,
         INPUT_PRECISION=_dot_precision(x.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
@@ -362,7 +362,7 @@ def _launch_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, *, num_
     _grouped_dw_kernel[grid](
         x, dy, dw, offsets,
         K, N,
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+        *x.stride(), *dy.stride(), *dw.stride(),  # (A, K), (A, N), (E, K, N)
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         INPUT_PRECISION=_dot_precision(x.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
     )
