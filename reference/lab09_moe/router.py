@@ -269,7 +269,7 @@ def expert_choice_routing(logits: torch.Tensor, capacity: int) -> tuple[torch.Te
     if not 1 <= capacity <= num_tokens:
         raise ValueError(f"expert-choice capacity ({capacity}) must be between 1 and the number of tokens "
                          f"({num_tokens})")
-    probs = torch.softmax(logits.to(softmax_dtype(logits)), dim=-1)  # (T, E): a token's scores still sum to 1 over the experts
+    probs = torch.softmax(logits.to(softmax_dtype(logits)), dim=-1)  # (T, E): each token's scores sum to 1
     gates, token_index = torch.topk(probs.t(), capacity, dim=-1)  # (E, capacity): each expert's column
     return gates, token_index, probs
     # END SOLUTION
