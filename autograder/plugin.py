@@ -135,7 +135,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         return None  # not a graded test (the kit's own tests): pytest runs it normally
     config = item.config
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    if config.getoption("--fail-fast") and any(r["score"] < r["max_score"] for r in config._autograder_results):
+    # a test "not graded here" (no GPU) lost no point: it must not stop the run
+    if config.getoption("--fail-fast") and any(r["outcome"] == "failed" for r in config._autograder_results):
         record = _record(item, "failed", "not run: an earlier test already lost points (--fail-fast)", 0.0)
         reports = [_synthetic_report(item, "failed", record["message"])]
     elif (missing := _missing_hardware(item)) is not None:
