@@ -303,7 +303,7 @@ def _child(request, blob, config, blocker, call_dir, result_path, output_path, c
         os.chdir(call_dir)
         sys.meta_path.remove(blocker)
         outcome = _run(request, blob, config)
-        _save(outcome, result_path)
+        _save(outcome, result_path, config["limits"]["result_bytes"])
     except BaseException:  # the worker's own failure to run the request: report it as such
         code = 70
         try:
@@ -322,7 +322,9 @@ def _child(request, blob, config, blocker, call_dir, result_path, output_path, c
 def _set_limits(limits: dict, timeout_s: float) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; we want the writer stopped, not EFBIG
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_bytes"], limits["file_bytes"]))
+    # soft limit for the student's files; the hard limit leaves room for the result file the worker writes last
+    result_room = max(limits["file_bytes"], limits["result_bytes"] + 2**20)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_bytes"], result_room))
     resource.setrlimit(resource.RLIMIT_NOFILE, (limits["open_files"], limits["open_files"]))
     cpu_s = int(timeout_s * max(2, os.cpu_count() or 1) + 30)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
@@ -419,19 +421,28 @@ def _exception_record(error: BaseException, submission: str, importing: str | No
     }
 
 
-def _save(outcome: dict, path: str) -> None:
+def _save(outcome: dict, path: str, limit: int) -> None:
+    """Write the outcome for the grader; one that cannot be serialised or is over `limit` bytes becomes an error."""
     import torch
+
+    def refusal(message: str) -> bytes:
+        buffer = io.BytesIO()
+        torch.save({"status": "raised", "error": {"types": ["TypeError", "Exception", "BaseException"],
+                                                  "message": message, "traceback": "", "importing": ""}}, buffer)
+        return buffer.getvalue()
 
     buffer = io.BytesIO()
     try:
         torch.save(outcome, buffer)
+        data = buffer.getvalue()
     except BaseException as error:
-        buffer = io.BytesIO()
-        torch.save({"status": "raised", "error": {"types": ["TypeError", "Exception", "BaseException"],
-                                                  "message": f"the result could not be serialised: {error}",
-                                                  "traceback": "", "importing": ""}}, buffer)
+        data = refusal(f"the result could not be serialised: {error}")
+    if len(data) > limit:
+        data = refusal(f"the result is {len(data) >> 20} MiB, more than the {limit >> 20} MiB a test may return")
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # the student's file limit does not bound the result
     with open(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+        handle.write(data)
 
 
 if __name__ == "__main__":

@@ -59,8 +59,8 @@ def cuda_state_bytes(cases: list) -> dict:
 @pytest.mark.time_limit(240)
 def test_offload_on_one_gpu(student):
     """One GPU, bf16 in flight: with offload the optimizer state is in host memory and the results equal the
-    on-device engine's within fp32's tolerance (the same AdamW, on the CPU); ZeRO-2 and ZeRO-3, two steps."""
-    from autograder.lab05_zero.workers import train_local
+    on-device engine's within a tenth of the learning rate (the same AdamW, on the CPU); ZeRO-2 and ZeRO-3, two steps."""
+    from autograder.lab05_zero.workers import ADAMW, train_local
 
     for stage in (2, 3):
         specs = [{"config": {"stage": stage, "param_dtype": "bfloat16", "offload": offload}, "steps": 2, "micro": 2,
@@ -69,8 +69,12 @@ def test_offload_on_one_gpu(student):
         inputs = describe(stage=stage, world_size=1, device="cuda", param_dtype="bfloat16")
         assert plain["state_devices"] == ["cuda:0"], f"without offload the state is on {plain['state_devices']}"
         assert offloaded["state_devices"] == ["cpu"], f"with offload the state is on {offloaded['state_devices']}"
+        # Not fp32's tolerance: the embedding's backward sums with atomics, so two bf16 runs on a GPU differ in the
+        # last bits after step 1, and AdamW's m/sqrt(v) turns that into up to a few percent of lr where step 2's
+        # gradient nearly cancels step 1's (measured on an H200: 4e-4 at lr 1e-2). A missed, repeated or stale
+        # step moves most weights by about lr, which a tenth of lr still catches.
         check_all_close(offloaded["masters"], plain["masters"], name="master weights with offload against without",
-                        inputs=inputs, dtype="float32")
+                        inputs=inputs, dtype="float32", atol=0.1 * ADAMW["lr"], rtol=0.0)
 
 
 @pytest.mark.gpu

@@ -20,7 +20,7 @@ step and zero_grad:
 4. Where peft's time goes: torch.profiler over two steps of peft and ours, CUDA time by kernel kind (GEMM, attention,
    elementwise and casts, reductions, other) and the top kernels.
 
-Targets (PERFORMANCE.md): ours at most 0.8x peft's step time at no more peak memory; QLoRA's weights at least 2.5x
+Targets (docs/performance.md): ours at most 0.8x peft's step time at no more peak memory; QLoRA's weights at least 2.5x
 smaller than the bf16 model's. Writes benchmark.json (and benchmark.png) into --out.
 
     PYTHONPATH=reference:labs python -m lab06_lora.benchmark --out results/

@@ -7,7 +7,7 @@ each ratio is taken per round, and a target is "met" only when the whole spread 
 Part 1, a GPT-2-small-size training step (common.model preset "gpt2", B8 N1024, fused AdamW):
     ours fp32, tf32, bf16 autocast, fp16 autocast + this lab's DynamicLossScaler, an fp16 model behind
     MasterWeightOptimizer; peers: torch fp16 autocast + torch.amp.GradScaler, and HF transformers' GPT-2 in fp32 and
-    bf16. Target (PERFORMANCE.md): bf16 at least 3x faster than fp32.
+    bf16. Target (docs/performance.md): bf16 at least 3x faster than fp32.
 
 Part 2, decode-like matmuls y = x W^T, x (M, K) bf16, M = 1..16, K = N = 4096 and 8192, int4 in groups of 128 and
 NF4 in blocks of 64 (its scales dequantized once, at load time):

@@ -8,7 +8,7 @@
    cache, within 2x SDPA-flash's bf16 error + 1e-3), then interleaved timing (common.bench) of the kernel (default
    split-K, and one split) against SDPA's flash and cuDNN backends on a contiguous (B, H_kv, N, D) cache (enable_gqa,
    so the peers read each K/V head once too). Figure: GB/s of K/V read = 2 * B * N * H_kv * D * 2 bytes / time.
-   Target (PERFORMANCE.md): at least SDPA-cuDNN's bandwidth at B64 ctx4096. A sweep of tile sizes at that shape is
+   Target (docs/performance.md): at least SDPA-cuDNN's bandwidth at B64 ctx4096. A sweep of tile sizes at that shape is
    recorded too (--no-sweep skips it).
 2. Serving: a ~250M Llama (HF LlamaConfig: 16 layers, width 1024, GQA 16/8, FFN 2816, vocab 32000) built from a config
    in bf16; 256 requests, prompts of 32-512 tokens, outputs of 32-512 (metrics.synthetic_workload, seed 0), greedy,

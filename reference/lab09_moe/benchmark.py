@@ -5,7 +5,7 @@ GEMM pair of equal FLOPs (one GPU, bf16).
     PYTHONPATH=reference:labs python -m lab09_moe.benchmark --out results/ --sweep  # + alternative tile sizes
     PYTHONPATH=reference:labs python -m lab09_moe.benchmark --smoke                 # seconds, CPU (interpreter)
 
-Shapes (PERFORMANCE.md): T = 16384 tokens of width C = 2048, routed top-k by a random router (so the slices are
+Shapes (docs/performance.md): T = 16384 tokens of width C = 2048, routed top-k by a random router (so the slices are
 ragged, as in training), for E8 top-2 F5632 (Mixtral's shape) and E64 top-6 F1408 (fine-grained, as DeepSeek-MoE).
 Each variant computes y = (silu(x W_gate) * (x W_up)) W_down on the A = k T expert-sorted rows:
 
@@ -17,7 +17,7 @@ Each variant computes y = (silu(x W_gate) * (x W_up)) W_down on the A = k T expe
 Correctness first: every variant's output and gradients are compared with an fp32 computation of the same bf16
 inputs; ours must be within 2x the error of _grouped_mm (or of the loop, when _grouped_mm is missing) plus 1e-3.
 Timing: common.bench.interleaved (rounds in rotating order, CUDA events, medians and their spread). FLOPs of the
-SwiGLU experts: forward 6 k T C F (three C x F matrices; PERFORMANCE.md's 2*2*k*T*d*f counts two), backward twice
+SwiGLU experts: forward 6 k T C F (three C x F matrices; docs/performance.md's 2*2*k*T*d*f counts two), backward twice
 that. Target: ours at least 0.9x _grouped_mm's throughput, judged on the whole spread of the per-round ratios.
 
 Writes lab09_benchmark.json (with common.bench.environment()) and lab09_benchmark.png into --out.
