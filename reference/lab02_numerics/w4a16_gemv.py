@@ -166,7 +166,7 @@ def default_gemv_config(M: int, N: int, K: int, group_size: int, device: torch.d
     """Fixed tiles: 64 rows per program at M <= 4, fewer as M grows (the (BLOCK_M, BLOCK_N, P / 8) products live in
     registers); split K until the grid covers every SM about 4 times (each split keeps at least 2 groups).
 
-    Not yet tuned on the H200 (the benchmark's --sweep times a grid of these); under the interpreter, one split.
+    Not swept on the H200 yet (the benchmark's --sweep times a grid of these); under the interpreter, one split.
     """
     block_n = 64 if M <= 4 else (32 if M <= 8 else 16)
     if device.type != "cuda":
@@ -254,14 +254,16 @@ def w4a16_gemv_kernel(
     word = tl.arange(0, WORDS)
     in_m = rows_x < M
     in_n = rows_w < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # fp32 accumulation
+    # fp32 sums per lane: (BLOCK_M, BLOCK_N, WORDS), reduced over WORDS once, after the loop. A tl.sum over WORDS
+    # inside the loop costs a cross-lane reduction per nibble, which measured 1.9x bf16's time on an H200 at M = 1.
+    acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), tl.float32)
     for g in range(pid_s * groups_per_split, (pid_s + 1) * groups_per_split):
         # the tile's codes for this group: BLOCK_N * P / 2 contiguous bytes, (BLOCK_N, WORDS) int32
         words = tl.load(words_ptr + (g * N + rows_w)[:, None] * WORDS + word[None, :], mask=in_n[:, None],
                         other=0)
         scale = tl.load(scales_ptr + g * N + rows_w, mask=in_n, other=0.0)  # (BLOCK_N,), once per group
-        partial = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        partial = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)
         for i in tl.static_range(8):
             # nibble i of every word: columns g*P + i*WORDS .. g*P + (i+1)*WORDS - 1, contiguous in x as well
             codes = (words >> (4 * i)) & 0xF  # (BLOCK_N, WORDS) in 0..15 (& drops the sign of word >> 28)
@@ -271,12 +273,13 @@ def w4a16_gemv_kernel(
             if IS_NF4:
                 values = tl.load(codebook_ptr + codes)  # a 16-entry gather that stays in L1
             else:
-                values = codes.to(tl.float32)  # q + 8; the 8 comes off below, once per row of x
-                x_sum += tl.sum(x, axis=1)
-            partial += tl.sum(x[:, None, :] * values[None, :, :], axis=2)  # (BLOCK_M, BLOCK_N)
+                values = codes.to(tl.float32)  # q + 8; the 8 comes off below, once per group
+                x_sum += x
+            partial += x[:, None, :] * values[None, :, :]  # one FMA per weight and row of x, no reduction
         if not IS_NF4:
-            partial -= 8.0 * x_sum[:, None]
-        acc += partial * scale[None, :]  # one multiply per (row, group), not per weight
+            partial -= 8.0 * x_sum[:, None, :]
+        acc += partial * scale[None, :, None]  # one multiply per (row, word, group), not per weight
+    acc = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
     out = out_ptr + rows_x[:, None] * stride_om + rows_w[None, :] * stride_on
     mask = in_m[:, None] & in_n[None, :]
     if SPLIT_K == 1:
