@@ -1,0 +1,152 @@
+"""Executing a plan: common.model's Transformer trained under dp x tp x pp, ZeRO and checkpointing, composed from
+labs 03, 04 and 05 the way torchtitan composes its apply_* functions.
+
+What it shows: the planner's output is not a paper plan. On a common.mesh.build_mesh(dp, pp, tp) mesh, in order:
+
+    tensor parallel   lab04 apply_tensor_parallel(model, tp_group)          Megatron-LM layers, vocab-parallel loss
+    checkpointing     every block's forward under torch.utils.checkpoint    (Chen et al. 2016, arXiv:1604.06174)
+    pipeline          lab04 PipelineStage + PipelineRuntime (1F1B) on pp_group, m micro-batches
+    data parallel     ZeRO 0: lab03 BucketedDDP on dp_group + torch AdamW; ZeRO 1-3: lab05 apply_zero on dp_group
+
+Every rank passes the same full model (the same seed) and the same global batches; data-parallel replica r trains
+on rows [r B/dp, (r+1) B/dp) of each batch. The loss of a step is the mean over the whole global batch, the same on
+every rank, and equals single-process training with AdamW (same hyperparameters) up to rounding. Under ZeRO 0 the
+micro-batches' backwards run inside BucketedDDP.no_sync() and one finish() all-reduces the accumulated gradients
+(one bucketed all-reduce per step, whatever m is, as the cost model assumes).
+
+ZeRO-2 and -3 are refused with pipeline parallelism (as DeepSpeed refuses them): their per-unit gradient hooks
+would reduce-scatter every micro-batch's gradients.
+
+Usage (inside a process group of plan.world_size ranks, e.g. a common.launch.run_distributed worker):
+    result = run_plan(ParallelPlan(dp=2, tp=2), model, batches, lr=1e-3)
+    result.losses, result.step_times
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from common.mesh import build_mesh
+from common.model import Transformer, token_cross_entropy
+
+from .cost_model import ParallelPlan
+
+BETAS, EPS = (0.9, 0.999), 1e-8
+
+
+@dataclass
+class RunResult:
+    """losses[i]: the global batch's mean loss at step i (the same on every rank); step_times[i]: this rank's
+    seconds for step i. module, engine, optimizer: what this rank trained (for counting its memory)."""
+
+    losses: list[float]
+    step_times: list[float]
+    module: nn.Module
+    engine: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def checkpoint_blocks(model: nn.Module) -> nn.Module:
+    """Run every block of `model.blocks` under non-reentrant torch.utils.checkpoint (keeps only block inputs).
+
+    The block modules stay in place (parameter names and ZeRO-3's hooks are unchanged): only their forward is wrapped.
+    """
+    for block in model.blocks:
+        forward = block.forward
+        block.forward = lambda x, cos, sin, forward=forward: checkpoint(forward, x, cos, sin, use_reentrant=False)
+    return model
+
+
+def run_plan(plan: ParallelPlan, model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
+             lr: float = 1e-3, weight_decay: float = 0.01) -> RunResult:
+    """Train `model` for len(batches) steps under `plan` on this rank; see the module docstring.
+
+    Args:
+        plan: the plan; plan.world_size must be the process group's size.
+        model: the full model, the same on every rank (its parameters are taken over; do not reuse it).
+        batches: (tokens, targets) of the global batch, each (B, N) int64, the same on every rank.
+        lr, weight_decay: AdamW's (betas (0.9, 0.999), eps 1e-8).
+
+    Returns:
+        RunResult.
+
+    Raises:
+        ValueError: a world size that is not plan.world_size; ZeRO-2/3 with pp > 1; dp x m not dividing B; a degree
+            that does not divide the model (from labs 04 and 05).
+    """
+    world = dist.get_world_size()
+    if plan.world_size != world:
+        raise ValueError(f"run_plan: plan {plan.describe()} needs {plan.world_size} ranks, the group has {world}")
+    if plan.zero_stage >= 2 and plan.pp > 1:
+        raise ValueError(f"run_plan: ZeRO-{plan.zero_stage} with pipeline parallelism (pp {plan.pp}) is not "
+                         "supported: use ZeRO 0 or 1")
+    for tokens, _ in batches:
+        if tokens.shape[0] % (plan.dp * plan.num_microbatches):
+            raise ValueError(f"run_plan: batch size {tokens.shape[0]} is not divisible by dp ({plan.dp}) x "
+                             f"num_microbatches ({plan.num_microbatches})")
+    from lab03_data_parallel.ddp_bucketed import BucketedDDP
+    from lab04_model_parallel.pipeline import PipelineConfig, PipelineRuntime, PipelineStage
+    from lab04_model_parallel.sharding import apply_tensor_parallel
+    from lab05_zero.config import ZeROConfig, apply_zero
+
+    mesh = build_mesh(dp=plan.dp, pp=plan.pp, tp=plan.tp)
+    # BEGIN SOLUTION
+    if plan.tp > 1:
+        model = apply_tensor_parallel(model, tp_group=mesh.tp_group)
+        loss_fn = model.loss_from_logits
+    else:
+        loss_fn = token_cross_entropy
+    if plan.checkpointing:
+        checkpoint_blocks(model)
+    module = PipelineStage(model, stage_index=mesh.pp_rank, num_stages=plan.pp) if plan.pp > 1 else model
+    engine = optimizer = None
+    if plan.zero_stage > 0:
+        engine = apply_zero(module, group=mesh.dp_group, config=ZeROConfig(
+            stage=plan.zero_stage, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay))
+    else:
+        ddp = BucketedDDP(module, group=mesh.dp_group)  # checks and broadcasts; finish() all-reduces below
+        optimizer = torch.optim.AdamW(module.parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay,
+                                      foreach=False)
+    runtime = (PipelineRuntime(module, pp_group=mesh.pp_group, loss_fn=loss_fn,
+                               config=PipelineConfig(num_microbatches=plan.num_microbatches)) if plan.pp > 1 else None)
+    losses, times = [], []
+    for tokens, targets in batches:
+        dist.barrier()
+        began = time.perf_counter()
+        tokens, targets = tokens.chunk(plan.dp)[mesh.dp_rank], targets.chunk(plan.dp)[mesh.dp_rank]
+        with ddp.no_sync() if engine is None else contextlib.nullcontext():
+            if runtime is not None:
+                loss = runtime.step(tokens, targets)
+            else:
+                loss = torch.zeros(())
+                for micro_tokens, micro_targets in zip(tokens.chunk(plan.num_microbatches),
+                                                       targets.chunk(plan.num_microbatches)):
+                    micro = (model if engine is None else engine).loss(micro_tokens, micro_targets)
+                    micro = micro / plan.num_microbatches
+                    micro.backward()
+                    loss = loss + micro.detach()
+        if engine is not None:
+            engine.step()
+        else:
+            ddp.finish()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - began)
+        losses.append(_global_loss(loss, holders=plan.dp * plan.tp if plan.pp > 1 else world))
+    return RunResult(losses=losses, step_times=times, module=module, engine=engine, optimizer=optimizer)
+    # END SOLUTION
+
+
+def _global_loss(loss: torch.Tensor | None, *, holders: int) -> float:
+    """The mean of the loss over the ranks that hold one (every other rank adds 0)."""
+    value = torch.zeros((), dtype=torch.float64) if loss is None else loss.detach().to(torch.float64)
+    dist.all_reduce(value)
+    return value.item() / holders
