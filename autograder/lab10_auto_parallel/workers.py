@@ -102,6 +102,22 @@ def plan_result(config: dict, cluster: dict, workload: dict, memory_cap: float |
 
 
 # -----------------------------------------------------------------------------
+# Intra-operator: the layer's optimum
+
+
+def layer_choice(config: dict, batch_size: int, seq_len: int, tp: int, cluster: dict) -> list[str]:
+    """The strategy names solve_intra_op picks on layer_problem (a producer: runs in the worker)."""
+    from lab10_auto_parallel.cost_model import Workload
+    from lab10_auto_parallel.intra_op import layer_problem, solve_intra_op
+
+    problem = layer_problem(_build("config", config), batch_size=batch_size, seq_len=seq_len, tp=tp,
+                            cluster=_build("cluster", cluster), workload=Workload(global_batch=batch_size,
+                                                                                  seq_len=seq_len))
+    choice, _ = solve_intra_op(problem.node_costs, problem.edges)
+    return [problem.strategies[v][i].name for v, i in enumerate(choice)]
+
+
+# -----------------------------------------------------------------------------
 # Training under plans (world 4)
 
 
@@ -142,7 +158,7 @@ def _storage_bytes(tensors) -> int:
 
 def memory_states(plans: list[dict], *, world_size: int, num_layers: int, batch_size: int, seq_len: int) -> list:
     """Per plan, per rank: {"predicted": memory_per_device's params/grads/optimizer, "counted": the bytes of the
-    parameters, gradients and optimizer state this rank holds after one step} (fp64 model: 8-byte elements)."""
+    parameters, gradients and optimizer state this rank holds after one step} (fp32 model: 4-byte elements)."""
     return run_distributed(_memory_rank, world_size=world_size, timeout_s=TIMEOUT_S,
                            args=(plans, num_layers, batch_size, seq_len))
 
@@ -157,8 +173,10 @@ def _memory_rank(info, plans, num_layers, batch_size, seq_len):
         model = tiny_model(num_layers=num_layers, seed=0, dtype=torch.float32)
         config = model.config
         result = run_plan(ParallelPlan(**plan), model, [corpus_batch(batch_size=batch_size, seq_len=seq_len)])
-        workload = Workload(global_batch=batch_size, seq_len=seq_len, param_bytes=4, grad_bytes=4, optimizer_bytes=8,
-                            activation_bytes=4)
+        # lab 05's engines keep an fp32 master shard beside Adam's m and v (12 bytes); torch's AdamW only m and v
+        optimizer_bytes = 12 if plan.get("zero_stage", 0) else 8
+        workload = Workload(global_batch=batch_size, seq_len=seq_len, param_bytes=4, grad_bytes=4,
+                            optimizer_bytes=optimizer_bytes, activation_bytes=4)
         predicted = memory_per_device(config, ParallelPlan(**plan), workload=workload)
         if result.engine is not None:
             engine = result.engine

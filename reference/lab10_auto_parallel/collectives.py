@@ -40,9 +40,9 @@ def ring_time(kind: str, nbytes: float, group_size: int, link: Link) -> float:
     Raises:
         ValueError: an unknown kind, nbytes < 0 or group_size < 1.
     """
+    # BEGIN SOLUTION
     _check(kind, nbytes, group_size)
     p = group_size
-    # BEGIN SOLUTION
     if kind == "p2p":
         return link.alpha + nbytes / link.bandwidth
     if p == 1:
@@ -73,10 +73,10 @@ def collective_time(kind: str, nbytes: float, *, group_size: int, cluster: Clust
     Raises:
         ValueError: an unknown kind, nbytes < 0, group_size < 1 or stride < 1.
     """
+    # BEGIN SOLUTION
     _check(kind, nbytes, group_size)
     if stride < 1:
         raise ValueError(f"collective_time: stride must be >= 1, got {stride}")
-    # BEGIN SOLUTION
     g, k = group_placement(group_size, stride, cluster.gpus_per_node)
     if kind == "p2p":
         return ring_time("p2p", nbytes, 2, cluster.intra if k == 1 else cluster.inter)

@@ -157,11 +157,11 @@ def step_time(config: ModelConfig, plan: ParallelPlan, *, workload: Workload, cl
     Raises:
         ValueError: dp m does not divide the global batch; pp > num_layers.
     """
+    # BEGIN SOLUTION
     if plan.pp > config.num_layers:
         raise ValueError(f"pp ({plan.pp}) must be <= num_layers ({config.num_layers})")
     b, s = workload.micro_batch_size(plan), workload.seq_len
     m, p, t = plan.num_microbatches, plan.pp, plan.tp
-    # BEGIN SOLUTION
     passes = 4 if plan.checkpointing else 3
     per_layer = passes * layer_flops(config, batch_size=b, seq_len=s) / t / cluster.achievable_flops
     per_layer += cluster.layer_overhead_s

@@ -82,6 +82,12 @@ def run_plan(plan: ParallelPlan, model: Transformer, batches: list[tuple[torch.T
         ValueError: a world size that is not plan.world_size; ZeRO-2/3 with pp > 1; dp x m not dividing B; a degree
             that does not divide the model (from labs 04 and 05).
     """
+    from lab03_data_parallel.ddp_bucketed import BucketedDDP
+    from lab04_model_parallel.pipeline import PipelineConfig, PipelineRuntime, PipelineStage
+    from lab04_model_parallel.sharding import apply_tensor_parallel
+    from lab05_zero.config import ZeROConfig, apply_zero
+
+    # BEGIN SOLUTION
     world = dist.get_world_size()
     if plan.world_size != world:
         raise ValueError(f"run_plan: plan {plan.describe()} needs {plan.world_size} ranks, the group has {world}")
@@ -92,13 +98,7 @@ def run_plan(plan: ParallelPlan, model: Transformer, batches: list[tuple[torch.T
         if tokens.shape[0] % (plan.dp * plan.num_microbatches):
             raise ValueError(f"run_plan: batch size {tokens.shape[0]} is not divisible by dp ({plan.dp}) x "
                              f"num_microbatches ({plan.num_microbatches})")
-    from lab03_data_parallel.ddp_bucketed import BucketedDDP
-    from lab04_model_parallel.pipeline import PipelineConfig, PipelineRuntime, PipelineStage
-    from lab04_model_parallel.sharding import apply_tensor_parallel
-    from lab05_zero.config import ZeROConfig, apply_zero
-
     mesh = build_mesh(dp=plan.dp, pp=plan.pp, tp=plan.tp)
-    # BEGIN SOLUTION
     if plan.tp > 1:
         model = apply_tensor_parallel(model, tp_group=mesh.tp_group)
         loss_fn = model.loss_from_logits

@@ -44,11 +44,13 @@ class StagePlan:
 
 def submesh_shapes(num_nodes: int, gpus_per_node: int) -> list[tuple[int, int]]:
     """Alpa's submesh shapes: (1, 1), (1, 2), (1, 4), ... up to (1, M), then (2, M), ..., (N, M)."""
+    # BEGIN SOLUTION
     shapes, width = [], 1
     while width < gpus_per_node:
         shapes.append((1, width))
         width *= 2
     return shapes + [(n, gpus_per_node) for n in range(1, num_nodes + 1)]
+    # END SOLUTION
 
 
 def stage_dp(latency: list[list[list[float]]], memory: list[list[list[float]]], *,

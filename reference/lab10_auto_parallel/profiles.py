@@ -94,7 +94,8 @@ def load_profile(name: str, **overrides) -> ClusterProfile:
     data = json.loads(PROFILES_PATH.read_text())
     if name.startswith("_") or name not in data:
         raise ValueError(f"unknown cluster profile {name!r}; known: {profile_names()}")
-    fields = dict(data[name])
-    fields["intra"], fields["inter"] = Link(**fields["intra"]), Link(**fields["inter"])
-    fields.update(overrides)
+    fields = {**data[name], **overrides}
+    for link in ("intra", "inter"):  # a link given as a dict (from the file or an override) becomes a Link
+        if isinstance(fields[link], dict):
+            fields[link] = Link(**fields[link])
     return ClusterProfile(name=name, **fields)
