@@ -32,7 +32,7 @@ def _grid(config: ModelConfig, devices: int, batch: int, gpus_per_node: int):
             if not ok:
                 refused.append((dp, tp, pp))
                 continue
-            for m in (m for m in _divisors(batch // dp) if m <= 64):
+            for m in (m for m in _divisors(batch // dp) if m <= 512):
                 for zero in ([0] if dp == 1 else [0, 1] if pp > 1 else [0, 1, 2, 3]):
                     for ckpt in (False, True):
                         priced.append({"dp": dp, "tp": tp, "pp": pp, "num_microbatches": m, "zero_stage": zero,

@@ -20,6 +20,7 @@ would reduce-scatter every micro-batch's gradients.
 Usage (inside a process group of plan.world_size ranks, e.g. a common.launch.run_distributed worker):
     result = run_plan(ParallelPlan(dp=2, tp=2), model, batches, lr=1e-3)
     result.losses, result.step_times
+    trainer = PlanTrainer(plan, model); loss = trainer.step(tokens, targets)     # one step at a time
 """
 
 from __future__ import annotations
@@ -65,30 +66,67 @@ def checkpoint_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
-def run_plan(plan: ParallelPlan, model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
-             lr: float = 1e-3, weight_decay: float = 0.01) -> RunResult:
-    """Train `model` for len(batches) steps under `plan` on this rank; see the module docstring.
+class PlanTrainer:
+    """One rank's share of training under a plan: built once, then `step(tokens, targets)` per global batch.
 
     Args:
         plan: the plan; plan.world_size must be the process group's size.
         model: the full model, the same on every rank (its parameters are taken over; do not reuse it).
-        batches: (tokens, targets) of the global batch, each (B, N) int64, the same on every rank.
         lr, weight_decay: AdamW's (betas (0.9, 0.999), eps 1e-8).
+
+    Attributes:
+        mesh: the common.mesh Mesh; module: what this rank trains (a TensorParallelTransformer, a PipelineStage or
+        the model); engine: the ZeRO engine (ZeRO 1-3) or None; optimizer: torch's AdamW (ZeRO 0) or None.
+
+    Raises:
+        ValueError: a world size that is not plan.world_size; ZeRO-2/3 with pp > 1; a degree that does not divide
+            the model (from labs 04 and 05).
+    """
+
+    def __init__(self, plan: ParallelPlan, model: Transformer, *, lr: float = 1e-3, weight_decay: float = 0.01):
+        from lab03_data_parallel.ddp_bucketed import BucketedDDP
+        from lab04_model_parallel.pipeline import PipelineConfig, PipelineRuntime, PipelineStage
+        from lab04_model_parallel.sharding import apply_tensor_parallel
+        from lab05_zero.config import ZeROConfig, apply_zero
+
+        self.plan = plan
+        # TODO (lab10): your code here
+        raise NotImplementedError("lab10: PlanTrainer.__init__ is not implemented yet (lab10_auto_parallel/execute.py)")
+
+    def step(self, tokens: torch.Tensor, targets: torch.Tensor) -> float:
+        """One training step on the global batch (B, N) int64 (the same on every rank); returns its mean loss.
+
+        Raises:
+            ValueError: dp x num_microbatches does not divide B.
+        """
+        plan = self.plan
+        # TODO (lab10): your code here
+        raise NotImplementedError("lab10: PlanTrainer.step is not implemented yet (lab10_auto_parallel/execute.py)")
+
+
+def run_plan(plan: ParallelPlan, model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
+             lr: float = 1e-3, weight_decay: float = 0.01) -> RunResult:
+    """Train `model` for len(batches) steps under `plan` on this rank (a PlanTrainer), timing each step.
+
+    Args:
+        plan, model, lr, weight_decay: as PlanTrainer's.
+        batches: (tokens, targets) of the global batch, each (B, N) int64, the same on every rank.
 
     Returns:
         RunResult.
 
     Raises:
-        ValueError: a world size that is not plan.world_size; ZeRO-2/3 with pp > 1; dp x m not dividing B; a degree
-            that does not divide the model (from labs 04 and 05).
+        ValueError: as PlanTrainer and PlanTrainer.step raise (on every rank, before any collective).
     """
-    from lab03_data_parallel.ddp_bucketed import BucketedDDP
-    from lab04_model_parallel.pipeline import PipelineConfig, PipelineRuntime, PipelineStage
-    from lab04_model_parallel.sharding import apply_tensor_parallel
-    from lab05_zero.config import ZeROConfig, apply_zero
-
-    # TODO (lab10): your code here
-    raise NotImplementedError("lab10: run_plan is not implemented yet (lab10_auto_parallel/execute.py)")
+    trainer = PlanTrainer(plan, model, lr=lr, weight_decay=weight_decay)
+    losses, times = [], []
+    for tokens, targets in batches:
+        dist.barrier()  # every rank starts the step together: the slowest rank's time is the step's
+        began = time.perf_counter()
+        losses.append(trainer.step(tokens, targets))
+        times.append(time.perf_counter() - began)
+    return RunResult(losses=losses, step_times=times, module=trainer.module, engine=trainer.engine,
+                     optimizer=trainer.optimizer)
 
 
 def _global_loss(loss: torch.Tensor | None, *, holders: int) -> float:

@@ -20,6 +20,7 @@ would reduce-scatter every micro-batch's gradients.
 Usage (inside a process group of plan.world_size ranks, e.g. a common.launch.run_distributed worker):
     result = run_plan(ParallelPlan(dp=2, tp=2), model, batches, lr=1e-3)
     result.losses, result.step_times
+    trainer = PlanTrainer(plan, model); loss = trainer.step(tokens, targets)     # one step at a time
 """
 
 from __future__ import annotations
@@ -65,84 +66,118 @@ def checkpoint_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
-def run_plan(plan: ParallelPlan, model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
-             lr: float = 1e-3, weight_decay: float = 0.01) -> RunResult:
-    """Train `model` for len(batches) steps under `plan` on this rank; see the module docstring.
+class PlanTrainer:
+    """One rank's share of training under a plan: built once, then `step(tokens, targets)` per global batch.
 
     Args:
         plan: the plan; plan.world_size must be the process group's size.
         model: the full model, the same on every rank (its parameters are taken over; do not reuse it).
-        batches: (tokens, targets) of the global batch, each (B, N) int64, the same on every rank.
         lr, weight_decay: AdamW's (betas (0.9, 0.999), eps 1e-8).
+
+    Attributes:
+        mesh: the common.mesh Mesh; module: what this rank trains (a TensorParallelTransformer, a PipelineStage or
+        the model); engine: the ZeRO engine (ZeRO 1-3) or None; optimizer: torch's AdamW (ZeRO 0) or None.
+
+    Raises:
+        ValueError: a world size that is not plan.world_size; ZeRO-2/3 with pp > 1; a degree that does not divide
+            the model (from labs 04 and 05).
+    """
+
+    def __init__(self, plan: ParallelPlan, model: Transformer, *, lr: float = 1e-3, weight_decay: float = 0.01):
+        from lab03_data_parallel.ddp_bucketed import BucketedDDP
+        from lab04_model_parallel.pipeline import PipelineConfig, PipelineRuntime, PipelineStage
+        from lab04_model_parallel.sharding import apply_tensor_parallel
+        from lab05_zero.config import ZeROConfig, apply_zero
+
+        self.plan = plan
+        # BEGIN SOLUTION
+        world = dist.get_world_size()
+        if plan.world_size != world:
+            raise ValueError(f"run_plan: plan {plan.describe()} needs {plan.world_size} ranks, the group has {world}")
+        if plan.zero_stage >= 2 and plan.pp > 1:
+            raise ValueError(f"run_plan: ZeRO-{plan.zero_stage} with pipeline parallelism (pp {plan.pp}) is not "
+                             "supported: use ZeRO 0 or 1")
+        self.mesh = build_mesh(dp=plan.dp, pp=plan.pp, tp=plan.tp)
+        if plan.tp > 1:
+            model = apply_tensor_parallel(model, tp_group=self.mesh.tp_group)
+            loss_fn = model.loss_from_logits
+        else:
+            loss_fn = token_cross_entropy
+        if plan.checkpointing:
+            checkpoint_blocks(model)
+        self.model = model
+        self.module = PipelineStage(model, stage_index=self.mesh.pp_rank, num_stages=plan.pp) if plan.pp > 1 else model
+        self.engine = self.optimizer = self.ddp = None
+        if plan.zero_stage > 0:
+            self.engine = apply_zero(self.module, group=self.mesh.dp_group, config=ZeROConfig(
+                stage=plan.zero_stage, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay))
+        else:
+            self.ddp = BucketedDDP(self.module, group=self.mesh.dp_group)  # checks and broadcasts the replicas
+            self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=lr, betas=BETAS, eps=EPS,
+                                               weight_decay=weight_decay, foreach=False)
+        self.runtime = None
+        if plan.pp > 1:
+            self.runtime = PipelineRuntime(self.module, pp_group=self.mesh.pp_group, loss_fn=loss_fn,
+                                           config=PipelineConfig(num_microbatches=plan.num_microbatches))
+        # END SOLUTION
+
+    def step(self, tokens: torch.Tensor, targets: torch.Tensor) -> float:
+        """One training step on the global batch (B, N) int64 (the same on every rank); returns its mean loss.
+
+        Raises:
+            ValueError: dp x num_microbatches does not divide B.
+        """
+        plan = self.plan
+        # BEGIN SOLUTION
+        if tokens.shape[0] % (plan.dp * plan.num_microbatches):
+            raise ValueError(f"run_plan: batch size {tokens.shape[0]} is not divisible by dp ({plan.dp}) x "
+                             f"num_microbatches ({plan.num_microbatches})")
+        dp_rank = self.mesh.dp_rank
+        tokens, targets = tokens.chunk(plan.dp)[dp_rank], targets.chunk(plan.dp)[dp_rank]
+        with self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext():
+            if self.runtime is not None:
+                loss = self.runtime.step(tokens, targets)
+            else:
+                loss = torch.zeros(())
+                compute = self.model if self.engine is None else self.engine
+                for micro_tokens, micro_targets in zip(tokens.chunk(plan.num_microbatches),
+                                                       targets.chunk(plan.num_microbatches)):
+                    micro = compute.loss(micro_tokens, micro_targets) / plan.num_microbatches
+                    micro.backward()
+                    loss = loss + micro.detach()
+        if self.engine is not None:
+            self.engine.step()
+        else:
+            self.ddp.finish()  # one bucketed all-reduce of the accumulated gradients
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return _global_loss(loss, holders=plan.dp * plan.tp if plan.pp > 1 else plan.world_size)
+        # END SOLUTION
+
+
+def run_plan(plan: ParallelPlan, model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], *,
+             lr: float = 1e-3, weight_decay: float = 0.01) -> RunResult:
+    """Train `model` for len(batches) steps under `plan` on this rank (a PlanTrainer), timing each step.
+
+    Args:
+        plan, model, lr, weight_decay: as PlanTrainer's.
+        batches: (tokens, targets) of the global batch, each (B, N) int64, the same on every rank.
 
     Returns:
         RunResult.
 
     Raises:
-        ValueError: a world size that is not plan.world_size; ZeRO-2/3 with pp > 1; dp x m not dividing B; a degree
-            that does not divide the model (from labs 04 and 05).
+        ValueError: as PlanTrainer and PlanTrainer.step raise (on every rank, before any collective).
     """
-    from lab03_data_parallel.ddp_bucketed import BucketedDDP
-    from lab04_model_parallel.pipeline import PipelineConfig, PipelineRuntime, PipelineStage
-    from lab04_model_parallel.sharding import apply_tensor_parallel
-    from lab05_zero.config import ZeROConfig, apply_zero
-
-    # BEGIN SOLUTION
-    world = dist.get_world_size()
-    if plan.world_size != world:
-        raise ValueError(f"run_plan: plan {plan.describe()} needs {plan.world_size} ranks, the group has {world}")
-    if plan.zero_stage >= 2 and plan.pp > 1:
-        raise ValueError(f"run_plan: ZeRO-{plan.zero_stage} with pipeline parallelism (pp {plan.pp}) is not "
-                         "supported: use ZeRO 0 or 1")
-    for tokens, _ in batches:
-        if tokens.shape[0] % (plan.dp * plan.num_microbatches):
-            raise ValueError(f"run_plan: batch size {tokens.shape[0]} is not divisible by dp ({plan.dp}) x "
-                             f"num_microbatches ({plan.num_microbatches})")
-    mesh = build_mesh(dp=plan.dp, pp=plan.pp, tp=plan.tp)
-    if plan.tp > 1:
-        model = apply_tensor_parallel(model, tp_group=mesh.tp_group)
-        loss_fn = model.loss_from_logits
-    else:
-        loss_fn = token_cross_entropy
-    if plan.checkpointing:
-        checkpoint_blocks(model)
-    module = PipelineStage(model, stage_index=mesh.pp_rank, num_stages=plan.pp) if plan.pp > 1 else model
-    engine = optimizer = None
-    if plan.zero_stage > 0:
-        engine = apply_zero(module, group=mesh.dp_group, config=ZeROConfig(
-            stage=plan.zero_stage, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay))
-    else:
-        ddp = BucketedDDP(module, group=mesh.dp_group)  # checks and broadcasts; finish() all-reduces below
-        optimizer = torch.optim.AdamW(module.parameters(), lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay,
-                                      foreach=False)
-    runtime = (PipelineRuntime(module, pp_group=mesh.pp_group, loss_fn=loss_fn,
-                               config=PipelineConfig(num_microbatches=plan.num_microbatches)) if plan.pp > 1 else None)
+    trainer = PlanTrainer(plan, model, lr=lr, weight_decay=weight_decay)
     losses, times = [], []
     for tokens, targets in batches:
-        dist.barrier()
+        dist.barrier()  # every rank starts the step together: the slowest rank's time is the step's
         began = time.perf_counter()
-        tokens, targets = tokens.chunk(plan.dp)[mesh.dp_rank], targets.chunk(plan.dp)[mesh.dp_rank]
-        with ddp.no_sync() if engine is None else contextlib.nullcontext():
-            if runtime is not None:
-                loss = runtime.step(tokens, targets)
-            else:
-                loss = torch.zeros(())
-                for micro_tokens, micro_targets in zip(tokens.chunk(plan.num_microbatches),
-                                                       targets.chunk(plan.num_microbatches)):
-                    micro = (model if engine is None else engine).loss(micro_tokens, micro_targets)
-                    micro = micro / plan.num_microbatches
-                    micro.backward()
-                    loss = loss + micro.detach()
-        if engine is not None:
-            engine.step()
-        else:
-            ddp.finish()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        losses.append(trainer.step(tokens, targets))
         times.append(time.perf_counter() - began)
-        losses.append(_global_loss(loss, holders=plan.dp * plan.tp if plan.pp > 1 else world))
-    return RunResult(losses=losses, step_times=times, module=module, engine=engine, optimizer=optimizer)
-    # END SOLUTION
+    return RunResult(losses=losses, step_times=times, module=trainer.module, engine=trainer.engine,
+                     optimizer=trainer.optimizer)
 
 
 def _global_loss(loss: torch.Tensor | None, *, holders: int) -> float:

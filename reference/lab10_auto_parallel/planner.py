@@ -34,7 +34,7 @@ from .cost_model import ParallelPlan, StepCost, Workload, model_flops_per_step, 
 from .memory_model import MemoryCost, memory_per_device
 from .profiles import ClusterProfile
 
-MAX_MICROBATCHES = 64
+MAX_MICROBATCHES = 512
 
 
 @dataclass(frozen=True)
