@@ -42,7 +42,10 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 from common.model import ModelConfig
@@ -106,6 +109,20 @@ def choice_cost(node_costs: list[list[float]], edges: list[tuple[int, int, list[
     """The objective at a given choice: node costs plus edge costs (math.inf when a forbidden pair is chosen)."""
     total = sum(costs[i] for costs, i in zip(node_costs, choice))
     return total + sum(matrix[choice[u]][choice[v]] for u, v, matrix in edges)
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """Send the process's file descriptor 1 to /dev/null inside the block (C libraries print there directly)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _check_problem(node_costs, edges) -> None:

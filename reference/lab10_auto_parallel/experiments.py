@@ -147,3 +147,30 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     if n < 2:
         return 1.0
     return 1 - 6 * sum((rx[i] - ry[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
+
+
+def demo_losses(plans: list[dict], *, steps: int = 3) -> dict[str, list[float]]:
+    """Losses of `steps` steps of run_plan under each plan (2 ranks, tiny fp64 model), and of one process."""
+    from common.testing import corpus_batch, tiny_model
+
+    results = run_distributed(_demo_rank, world_size=2, args=(plans, steps), timeout_s=300)[0]
+    model = tiny_model(num_layers=2, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, foreach=False)
+    single = []
+    for seed in range(steps):
+        loss = model.loss(*corpus_batch(batch_size=4, seq_len=16, seed=seed))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        single.append(loss.item())
+    return {**{ParallelPlan(**plan).describe(): losses for plan, losses in zip(plans, results)},
+            "one process": single}
+
+
+def _demo_rank(info, plans: list[dict], steps: int) -> list[list[float]]:
+    from common.testing import corpus_batch, tiny_model
+
+    from .execute import run_plan
+
+    batches = [corpus_batch(batch_size=4, seq_len=16, seed=seed) for seed in range(steps)]
+    return [run_plan(ParallelPlan(**plan), tiny_model(num_layers=2, seed=0), batches).losses for plan in plans]

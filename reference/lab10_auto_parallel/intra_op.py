@@ -42,7 +42,10 @@ Usage:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 from common.model import ModelConfig
@@ -112,7 +115,8 @@ def solve_intra_op(node_costs: list[list[float]],
             ilp += pulp.lpSum(var for (_, b), var in e.items() if b == j) == s[v][j]
         objective += [matrix[i][j] * var for (i, j), var in e.items()]
     ilp += pulp.lpSum(objective)
-    status = ilp.solve(pulp.HiGHS(msg=False))
+    with quiet_stdout():  # HiGHS prints its banner on fd 1 when it starts, whatever msg says
+        status = ilp.solve(pulp.HiGHS(msg=False))
     if pulp.LpStatus[status] != "Optimal":
         raise ValueError(f"solve_intra_op: no feasible sharding (solver status {pulp.LpStatus[status]})")
     choice = [max(range(len(row)), key=lambda i: row[i].value()) for row in s]
@@ -125,6 +129,20 @@ def choice_cost(node_costs: list[list[float]], edges: list[tuple[int, int, list[
     """The objective at a given choice: node costs plus edge costs (math.inf when a forbidden pair is chosen)."""
     total = sum(costs[i] for costs, i in zip(node_costs, choice))
     return total + sum(matrix[choice[u]][choice[v]] for u, v, matrix in edges)
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """Send the process's file descriptor 1 to /dev/null inside the block (C libraries print there directly)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _check_problem(node_costs, edges) -> None:
