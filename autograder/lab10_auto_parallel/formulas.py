@@ -39,7 +39,7 @@ def group_time(kind: str, n: float, p: int, stride: int, cluster: dict) -> float
     if kind == "all_reduce":
         return ring("reduce_scatter", n, g, *intra) + ring("all_reduce", n / g, k, *inter) + ring(
             "all_gather", n, g, *intra)
-    if kind == "reduce_scatter":
+    if "reduce_scatter" == kind:
         return ring("reduce_scatter", n, g, *intra) + ring("reduce_scatter", n / g, k, *inter)
     return ring("all_gather", n / g, k, *inter) + ring("all_gather", n, g, *intra)
 
@@ -55,7 +55,7 @@ def head(config: ModelConfig, b: int, s: int) -> float:
 
 
 def params(config: ModelConfig, tp: int, pp: int, stage: int) -> int:
-    C, V, F, D = config.width, config.vocab_size, config.hidden_width, config.head_dim
+    C, V, F, D = (config.width, config.vocab_size, config.hidden_width, config.head_dim)
     kv_rows = (config.num_kv_heads // tp if config.num_kv_heads % tp == 0 else 1) * D
     block = 2 * C + 2 * (C * C // tp) + 2 * kv_rows * C + 3 * (F * C // tp)
     sizes = [config.num_layers // pp + (s < config.num_layers % pp) for s in range(pp)]

@@ -37,7 +37,7 @@ def _expected(kind, n, p, stride, gpus_per_node=4):
     if kind == "all_reduce":
         return _ring("reduce_scatter", n, g, *intra) + _ring("all_reduce", n / g, k, *inter) + \
             _ring("all_gather", n, g, *intra)
-    if kind == "reduce_scatter":
+    if "reduce_scatter" == kind:
         return _ring("reduce_scatter", n, g, *intra) + _ring("reduce_scatter", n / g, k, *inter)
     if kind == "all_gather":
         return _ring("all_gather", n / g, k, *inter) + _ring("all_gather", n, g, *intra)

@@ -148,12 +148,9 @@ def _train_rank(info, plans, num_layers, batch_size, seq_len, steps, seed):
 
 
 def _storage_bytes(tensors) -> int:
-    seen = {}
-    for tensor in tensors:
-        if tensor is None or tensor.untyped_storage().nbytes() == 0:
-            continue
-        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    return sum(seen.values())
+    """Bytes of the distinct storages behind `tensors` (the test's own count: None and freed storages add 0)."""
+    sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+    return int(sum(sizes.values()))
 
 
 def memory_states(plans: list[dict], *, world_size: int, num_layers: int, batch_size: int, seq_len: int) -> list:
@@ -217,9 +214,9 @@ def activations_counted(cases: list[dict]) -> list:
         saved: dict[int, int] = {}
 
         def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in excluded:
-                saved[storage.data_ptr()] = storage.nbytes()
+            address = tensor.untyped_storage().data_ptr()
+            if address not in excluded:
+                saved[address] = tensor.untyped_storage().nbytes()
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

@@ -100,8 +100,8 @@ def _best_for_shape(config, cluster, workload, *, tp, pp, devices, memory_cap) -
         best = seconds if best is None else min(best, seconds)
     if best is None:
         return None
-    flops = model_flops_per_step(config, global_batch=workload.global_batch, seq_len=workload.seq_len) * 4 / 3
-    return flops / best / devices / 1e12
+    executed = 4 / 3 * model_flops_per_step(config, global_batch=workload.global_batch, seq_len=workload.seq_len)
+    return executed / best / devices / 1e12
 
 
 # -----------------------------------------------------------------------------

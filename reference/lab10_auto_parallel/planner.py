@@ -74,7 +74,7 @@ def degree_problem(config: ModelConfig, *, tp: int, pp: int) -> str:
     if config.num_heads % tp:
         return f"tp {tp} does not divide num_heads {config.num_heads}"
     try:
-        kv_head_layout(config.num_heads, config.num_kv_heads, tp)
+        kv_head_layout(config.num_heads, config.num_kv_heads, tp_size=tp)
     except ValueError as error:
         return f"tp {tp}: {error}"
     for name, size in (("the FFN width", config.hidden_width), ("vocab_size", config.vocab_size)):
