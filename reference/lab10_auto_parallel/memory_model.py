@@ -89,7 +89,7 @@ def activation_memory(config: ModelConfig, plan: ParallelPlan, *, workload: Work
     head = head_activation_bytes(config, **common)
     p, m = plan.pp, plan.num_microbatches
     first = min(p, m) * stage_layers(config.num_layers, p) * kept + rebuilt
-    last = min(1, m) * (config.num_layers // p) * kept + rebuilt + head
+    last = (config.num_layers // p) * kept + rebuilt + head  # one micro-batch in flight on the last stage
     return max(first, last) if p > 1 else first + head
     # END SOLUTION
 
