@@ -61,8 +61,9 @@ def test_best_plan_and_table(student):
     seen = [_key(got["best"])] + [_key(r["plan"]) for r in got["rejected"]]
     assert len(seen) == len(set(seen)), "a plan appears twice in the best + rejected list"
     expected = {_key(p) for p in priced} | {(dp, tp, pp, 1, 0, False) for dp, tp, pp in refused}
-    assert set(seen) == expected, (f"the plans considered differ from the grid: missing {sorted(expected - set(seen))[:4]}"
-                                   f", unexpected {sorted(set(seen) - expected)[:4]}")
+    missing, unexpected = sorted(expected - set(seen))[:4], sorted(set(seen) - expected)[:4]
+    assert set(seen) == expected, (f"the plans considered differ from the grid: missing {missing}, "
+                                   f"unexpected {unexpected}")
     fastest = min(fits.values())
     best = _key(got["best"])
     assert best in fits and math.isclose(fits[best], fastest, rel_tol=1e-9), (
