@@ -80,6 +80,17 @@ def _test_functions():
         yield path, tree
 
 
+def _fixtures_on_student(test_file) -> set[str]:
+    """Fixtures of the lab's conftest.py that take `student` themselves (lab 03's shared_run caches student.run)."""
+    conftest = test_file.parent / "conftest.py"
+    if not conftest.exists():
+        conftest = test_file.parent.parent / "conftest.py"  # hidden/ tests use the lab's conftest
+    if not conftest.exists():
+        return set()
+    return {node.name for node in ast.parse(conftest.read_text()).body
+            if isinstance(node, ast.FunctionDef) and "student" in [a.arg for a in node.args.args]}
+
+
 def test_every_graded_test_has_points_and_runs_student_code_only_in_the_worker():
     """Every test has points and takes the `student` fixture; no test module imports a lab at module level (the
     grading process refuses lab imports at run time too, and the worker refuses them in producer modules)."""
@@ -94,8 +105,10 @@ def test_every_graded_test_has_points_and_runs_student_code_only_in_the_worker()
                 found += 1
                 marks = [ast.unparse(d) for d in node.decorator_list]
                 assert any(m.startswith("pytest.mark.points(") for m in marks), f"{path.name}::{node.name} has no points"
-                assert "student" in [a.arg for a in node.args.args], (
-                    f"{path.name}::{node.name} does not take the `student` fixture: how does it run the submission?")
+                args = [a.arg for a in node.args.args]
+                assert "student" in args or set(args) & _fixtures_on_student(path), (
+                    f"{path.name}::{node.name} does not take the `student` fixture (or a conftest fixture built on "
+                    "it): how does it run the submission?")
     assert found > 10
 
 

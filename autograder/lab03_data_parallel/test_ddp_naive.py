@@ -49,14 +49,14 @@ def test_shard_batch(student, batch_size, world_size):
     """Each rank gets its contiguous B/p rows of tokens and targets."""
     got = student.run(shard_rows, batch_size, world_size)
     tokens = torch.arange(batch_size * 5).reshape(batch_size, 5)
-    local = batch_size // world_size
+    rows_per_rank = batch_size // world_size
     for rank in range(world_size):
-        want = tokens[rank * local:(rank + 1) * local]
+        want = tokens[rank * rows_per_rank:(rank + 1) * rows_per_rank]
         assert isinstance(got[rank], tuple), f"shard_batch(rank={rank}, world_size={world_size}) raised {got[rank]}"
         got_tokens, got_targets = got[rank]
         assert torch.equal(got_tokens, want) and torch.equal(got_targets, want + 1), (
             f"shard_batch(rank={rank}, world_size={world_size}) on {describe(tokens=tokens)} returned rows "
-            f"{got_tokens[:, 0].div(5).tolist()}, expected rows {list(range(rank * local, (rank + 1) * local))}")
+            f"{got_tokens[:, 0].div(5).tolist()}, expected rows {list(range(rank * rows_per_rank, (rank + 1) * rows_per_rank))}")
 
 
 @pytest.mark.points(1)

@@ -139,13 +139,13 @@ def allocated_units(model: nn.Module) -> dict[str, int]:
 def live_tensor_bytes() -> int:
     """Bytes of every distinct storage reachable from a live tensor (or its .grad) in this process."""
     gc.collect()
-    seen: dict[tuple[str, int], int] = {}
+    by_storage: dict[tuple[str, int], int] = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor):
             for tensor in (obj, obj.grad):
                 if tensor is not None and tensor.untyped_storage().nbytes() > 0:
-                    seen[(str(tensor.device), tensor.untyped_storage().data_ptr())] = tensor.untyped_storage().nbytes()
-    return sum(seen.values())
+                    by_storage[(str(tensor.device), tensor.untyped_storage().data_ptr())] = tensor.untyped_storage().nbytes()
+    return sum(by_storage.values())
 
 
 class CollectiveTrace:

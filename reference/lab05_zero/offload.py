@@ -87,8 +87,8 @@ class OffloadAdamW:
         for index, copied in enumerate(self._copied):
             wait_for_copy(copied)  # the host buffer holds the gradient from here on
             grad = self.host_grads[index].to(self.masters[index].dtype)  # fp32 math on the CPU
-            adamw_step(self.masters[index], grad, self.exp_avg[index], self.exp_avg_sq[index],
-                       step=self.step_count, config=self.config)
+            state = (self.exp_avg[index], self.exp_avg_sq[index])
+            adamw_step(self.masters[index], grad, *state, step=self.step_count, config=self.config)
         self._copied = [None] * len(self.masters)
         # END SOLUTION
         return self.masters
