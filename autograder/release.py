@@ -102,6 +102,8 @@ def expected_stubs() -> dict[Path, str]:
         for path in sorted(lab_dir.rglob("*.py")):
             relpath = path.relative_to(REFERENCE_DIR).as_posix()
             stubs[Path(relpath)] = make_stub(path.read_text(), lab=lab_dir.name, relpath=relpath)
+        for path in sorted(lab_dir.glob("*.json")):  # a lab's data files (lab 10's profiles), copied as they are
+            stubs[path.relative_to(REFERENCE_DIR)] = path.read_text()
     return stubs
 
 
