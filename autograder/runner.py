@@ -266,6 +266,7 @@ class Options:
     jail: str = "auto"  # auto | require | off (autograder/jail.py)
     progress: str = "off"  # while grading, on stderr: "bar" (a terminal), "lines" (CI logs) or "off"
     fail_fast: bool = False  # stop a lab at its first lost point (mutation testing)
+    lab_time_limit_s: float | None = None  # one lab's whole run (default LAB_TIME_LIMIT_S x time_limit_scale)
 
 
 def grade(labs: list[str], target: str, options: Options = Options()) -> Scorecard:
@@ -321,7 +322,7 @@ def grade_lab(lab: str, target_dir: Path, options: Options) -> tuple[list[TestRe
         os.close(progress_write)  # the child holds the write end; EOF arrives when it exits
         reader = threading.Thread(target=_follow_progress, args=(progress_read, lab, options.progress), daemon=True)
         reader.start()
-    limit = LAB_TIME_LIMIT_S * options.time_limit_scale
+    limit = options.lab_time_limit_s or LAB_TIME_LIMIT_S * options.time_limit_scale
     try:
         output, _ = process.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
