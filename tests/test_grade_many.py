@@ -183,3 +183,19 @@ def test_grader_failures_are_retried_then_reported_never_zero(mode, tmp_path, re
     assert results["extra_data"]["labs"][LAB] == "grader error"
     assert [t["max_score"] for t in results["tests"]] == [0.0] and "grader error" in results["tests"][0]["name"]
     assert "grader error" in (out / "summary.md").read_text()
+
+
+def test_each_lab_asks_for_what_its_tests_need():
+    from autograder import grade_many
+
+    assert grade_many.lab_needs("lab01_memory") == grade_many.Needs(cpus=1, gpus=1)  # test_gpu.py's gpu marker
+    assert grade_many.lab_needs("lab03_data_parallel") == grade_many.Needs(cpus=4, gpus=2)  # world 4, gpus(2)
+    assert grade_many.lab_needs("lab06_lora").gpus == 0
+
+
+def test_cli_help_and_one_line_errors(tmp_path):
+    proc = run_cli("grade-many", "--help")
+    assert proc.returncode == 0 and "--ray" in proc.stdout and "--retries" in proc.stdout
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("grade-many", str(tmp_path / "empty"), "--labs", "01", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "no submission" in proc.stderr and "Traceback" not in proc.stderr
