@@ -267,6 +267,7 @@ class Options:
     progress: str = "off"  # while grading, on stderr: "bar" (a terminal), "lines" (CI logs) or "off"
     fail_fast: bool = False  # stop a lab at its first lost point (mutation testing)
     lab_time_limit_s: float | None = None  # one lab's whole run (default LAB_TIME_LIMIT_S x time_limit_scale)
+    threads: int | None = None  # OMP/MKL threads of the run's processes (grade-many: the cores over the jobs)
 
 
 def grade(labs: list[str], target: str, options: Options = Options()) -> Scorecard:
@@ -314,6 +315,9 @@ def grade_lab(lab: str, target_dir: Path, options: Options) -> tuple[list[TestRe
         [str(KIT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(KIT_ROOT / "labs")]
     )
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    if options.threads:
+        # several labs graded at once: torch's default of a thread per core in each would oversubscribe the cores
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(options.threads)
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=KIT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True, pass_fds=(progress_write,) if progress_write else ())
