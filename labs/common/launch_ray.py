@@ -14,12 +14,13 @@ name), so the kit's checkout, and the lab under test, must lie at the same path 
 the same clone). It connects to the running cluster (`ray.init()` already called, or `RAY_ADDRESS`), or starts a local
 one. A deadlock is bounded by the process group's timeout (`timeout_s`): the stuck collective raises on its rank.
 
-Fault experiments (`may_die`, `pass_store`) need the local launcher: Ray Train treats a rank's exit as the job's failure.
+Fault experiments (`may_die`, `pass_store`) need the local launcher: Ray Train fails the job when a rank exits.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import shutil
 import sys
@@ -125,6 +126,9 @@ def _rank_main(config: dict) -> None:
     import ray.train.torch
 
     sys.path[:0] = [p for p in config["sys_path"] if p not in sys.path]
+    # NVLink multicast stays off on shared hosts (docs/gpu.md); NCCL reads it when the first collective makes its
+    # communicator, after this line
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     torch.set_num_threads(1)  # ranks on one node share its cores, as with the local launcher
     context = ray.train.get_context()
     rank = context.get_world_rank()
