@@ -63,14 +63,17 @@ class Submission:
     path: Path  # a folder laid out like labs/, or a zip of one
 
 
-def find_submissions(folder: str | os.PathLike) -> list[Submission]:
-    """Every `<student>/` folder and `<student>.zip` in `folder`, sorted by student name."""
+def find_submissions(folder: str | os.PathLike, *, exclude: Path | None = None) -> list[Submission]:
+    """Every `<student>/` folder and `<student>.zip` in `folder`, sorted by student name (`exclude`: the output
+    folder, when it lies inside)."""
     root = Path(folder)
     if not root.is_dir():
         raise runner.GraderError(f"{folder!r} is not a folder of submissions")
     found: dict[str, Submission] = {}
     for path in sorted(root.iterdir()):
         if path.name.startswith((".", "__")) or path.is_symlink():
+            continue
+        if exclude is not None and path.resolve() == exclude.resolve():
             continue
         if path.is_dir() or (path.is_file() and path.suffix == ".zip"):
             student = path.stem if path.is_file() else path.name
@@ -205,7 +208,7 @@ def grade_many(folder: str | os.PathLike, plan: Plan) -> dict[str, dict[str, dic
 
     Returns {student: {lab: record}}."""
     labs = [runner.resolve_lab(lab) for lab in plan.labs]
-    submissions = find_submissions(folder)
+    submissions = find_submissions(folder, exclude=plan.out)
     plan.out.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict[str, dict]] = {s.student: {} for s in submissions}
     todo = []  # (student, lab, blob, digest)
@@ -227,7 +230,7 @@ def grade_many(folder: str | os.PathLike, plan: Plan) -> dict[str, dict[str, dic
             todo.append((submission.student, lab, blob, digest))
     progress = _Progress(len(todo), skipped=sum(len(r) for r in records.values()), mode=plan.progress)
     run = _run_on_ray if plan.ray else _run_here
-    for record, digest in run(todo, labs, plan):
+    for record, digest in run(todo, labs, plan) if todo else ():
         record["digest"] = digest
         _record_path(plan.out, record["student"], record["lab"]).write_text(json.dumps(record, indent=1))
         records[record["student"]][record["lab"]] = record
