@@ -213,7 +213,7 @@ def _collect(processes: list, results: mp.Queue, world_size: int, may_die: set[i
 
 def _rank_main(worker, args, rank, world_size, backend, port, timeout_s, may_die, results) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on shared hosts (GPU.md)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on shared hosts (docs/gpu.md)
     torch.set_num_threads(1)  # world_size processes share the machine's cores
     timeout = datetime.timedelta(seconds=timeout_s)
     code = 0
