@@ -1,6 +1,7 @@
 """Command line of the autograder.
 
     python -m autograder grade LAB|all --target labs|reference|PATH [--json FILE] [--csv FILE]
+    python -m autograder grade-many SUBMISSIONS --labs 01 03 --out grades/ [--ray auto]   grade a class
     python -m autograder doctor
     python -m autograder mutate LAB [--budget N]         mutation-test a lab's graded tests
     python -m autograder stubs [--check]                 regenerate labs/ from reference/
@@ -39,6 +40,28 @@ def main(argv: list[str] | None = None) -> int:
                        help="multiply every test's time limit (a slow machine: 2; default $SLM_TIME_LIMIT_SCALE or 1)")
     grade.add_argument("--jail", choices=("auto", "require", "off"), default=os.environ.get("SLM_JAIL", "auto"),
                        help="confine student code with bubblewrap: auto (if available, else warn), require, off")
+
+    many = commands.add_parser("grade-many", help="grade a folder of submissions (<student>/ or <student>.zip), "
+                               "here or on a Ray cluster")
+    many.add_argument("submissions", help="a folder of <student>/ folders and <student>.zip files")
+    many.add_argument("--labs", nargs="+", required=True, help="lab numbers or folder names, or 'all'")
+    many.add_argument("--out", required=True, help="folder for the records, results.json per student, grades.csv "
+                      "and the summary")
+    many.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster: auto (the running one), local (start "
+                      "one here), or HOST:PORT; default: this machine, without Ray")
+    many.add_argument("--jobs", type=int, help="without --ray: tasks at once (default: the cores over the CPUs the "
+                      "labs' distributed tests need)")
+    many.add_argument("--retries", type=int, default=2, help="retry a task the grader failed on (a dead node, a "
+                      "time-out) this many times, then report 'grader error' (default 2)")
+    many.add_argument("--task-time-limit", type=float, help="seconds for one lab of one student (default "
+                      f"{runner.LAB_TIME_LIMIT_S} x --time-limit-scale)")
+    many.add_argument("--force", action="store_true", help="regrade what is already graded")
+    many.add_argument("--tests", nargs="*", help="only these test files of each lab")
+    many.add_argument("--public-only", action="store_true", help="skip hidden tests")
+    many.add_argument("--progress", choices=("bar", "lines", "off"),
+                      help="progress (default: a bar on a terminal, plain lines otherwise)")
+    many.add_argument("--time-limit-scale", type=float, default=float(os.environ.get("SLM_TIME_LIMIT_SCALE", 1.0)))
+    many.add_argument("--jail", choices=("auto", "require", "off"), default=os.environ.get("SLM_JAIL", "auto"))
 
     commands.add_parser("doctor", help="what this machine can grade")
 
@@ -82,6 +105,21 @@ def main(argv: list[str] | None = None) -> int:
             if args.csv:
                 card.write_csv(args.csv)
             print(card.table(verbose=not args.quiet))
+        elif args.command == "grade-many":
+            from autograder import grade_many
+
+            labs = runner.discover_labs() if args.labs == ["all"] else args.labs
+            options = runner.Options(tests=tuple(args.tests or ()), include_hidden=not args.public_only,
+                                     time_limit_scale=args.time_limit_scale, jail=args.jail,
+                                     lab_time_limit_s=args.task_time_limit)
+            plan = grade_many.Plan(labs=tuple(labs), out=Path(args.out), ray=args.ray, jobs=args.jobs,
+                                   retries=args.retries, force=args.force, options=options,
+                                   progress=args.progress or ("bar" if sys.stderr.isatty() else "lines"))
+            records = grade_many.grade_many(args.submissions, plan)
+            errors = sum(r["status"] == "grader error" for by_lab in records.values() for r in by_lab.values())
+            print(f"{len(records)} students graded into {args.out}: grades.csv, summary.md, summary.png, "
+                  f"<student>/results.json" + (f"; {errors} task(s) hit a grader error (re-run to retry)"
+                                               if errors else ""))
         elif args.command == "mutate":
             import json
 

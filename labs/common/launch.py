@@ -39,6 +39,8 @@ state, as with spawn, but skip importing torch: a world of 4 starts in about a t
 sys.path and imports its worker's module itself.
 
 `worker` must be importable (defined at the top level of a module), because ranks import it by name.
+
+`launcher="ray"` starts the same ranks as Ray Train workers across a Ray cluster's nodes instead (common/launch_ray.py).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def run_distributed(
     timeout_s: float = 60.0,
     may_die: Collection[int] = (),
     pass_store: bool = False,
+    launcher: str = "local",
 ) -> list[Any]:
     """Run `worker(info, *args)` on `world_size` ranks and return their results, ordered by rank.
 
@@ -95,14 +98,24 @@ def run_distributed(
         timeout_s: wall-clock limit for the whole job.
         may_die: ranks allowed to exit without returning; their result is None.
         pass_store: give each worker the address of the launcher's TCP store as its second argument.
+        launcher: "local" (processes forked on this machine) or "ray" (Ray Train workers across a Ray cluster's
+            nodes, one per GPU: common/launch_ray.py; not with may_die or pass_store).
 
     Raises:
-        ValueError: bad world_size or backend.
+        ValueError: bad world_size, backend or launcher.
         RuntimeError: NCCL requested without a GPU per rank.
         DistributedError / DistributedTimeout: as described in the module docstring.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if launcher == "ray":
+        if may_die or pass_store:
+            raise ValueError("may_die and pass_store need launcher='local' (Ray Train fails a job when a rank exits)")
+        from common.launch_ray import run_distributed_ray
+
+        return run_distributed_ray(worker, world_size=world_size, args=args, backend=backend, timeout_s=timeout_s)
+    if launcher != "local":
+        raise ValueError(f"launcher must be 'local' or 'ray', got {launcher!r}")
     if backend == "auto":
         backend = pick_backend(world_size)
     if backend not in ("gloo", "nccl"):
