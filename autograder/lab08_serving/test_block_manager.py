@@ -48,6 +48,8 @@ def run_operations(operations: list, *, num_blocks: int, block_size: int, prefix
                 result = manager.free(*args)
             else:
                 raise AssertionError(f"unknown operation {op}")
+        except NotImplementedError:
+            raise  # a stub: the grader reports it as such, not as a wrong log
         except Exception as error:  # noqa: BLE001 - the grader decides whether this error was due
             result = {"error": type(error).__name__, "bases": [c.__name__ for c in type(error).__mro__],
                       "message": str(error)}
