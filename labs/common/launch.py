@@ -215,7 +215,10 @@ def _rank_main(worker, args, rank, world_size, backend, port, timeout_s, may_die
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on shared hosts (docs/gpu.md)
     torch.set_num_threads(1)  # world_size processes share the machine's cores
-    timeout = datetime.timedelta(seconds=timeout_s)
+    # the launcher's wall clock is the authority on time-outs (DistributedTimeout names the ranks that did not
+    # finish); gloo's and the store's own limits stay behind it, so that under load a collective's own time-out does
+    # not win the race and turn a deadlock into a rank's error
+    timeout = datetime.timedelta(seconds=timeout_s + 60)
     code = 0
     try:
         device = torch.device("cpu")
