@@ -228,6 +228,7 @@ class Worker:
                     "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "CUDA_HOME", "TRITON_INTERPRET"):
             if key in os.environ:
                 env[key] = os.environ[key]
+        env["SLM_TIME_LIMIT_SCALE"] = repr(self.setup.time_limit_scale)  # run_distributed's limits stretch with it
         if not self.setup.gpu:
             env["TRITON_INTERPRET"] = "1"  # no GPU: Triton kernels run in the interpreter (set before they are defined)
         return env

@@ -76,6 +76,18 @@ class DistributedTimeout(DistributedError):
 # Public entry point
 
 
+def time_limit_scale() -> float:
+    """$SLM_TIME_LIMIT_SCALE (default 1): the factor the grader's --time-limit-scale puts on every time limit."""
+    value = os.environ.get("SLM_TIME_LIMIT_SCALE", "1")
+    try:
+        scale = float(value)
+    except ValueError:
+        raise ValueError(f"SLM_TIME_LIMIT_SCALE must be a positive number, got {value!r}") from None
+    if not scale > 0:
+        raise ValueError(f"SLM_TIME_LIMIT_SCALE must be a positive number, got {value!r}")
+    return scale
+
+
 def run_distributed(
     worker: Callable[..., Any],
     *,
@@ -95,7 +107,8 @@ def run_distributed(
         world_size: number of processes (>= 1).
         args: extra picklable arguments, the same for every rank.
         backend: "gloo", "nccl" or "auto" (NCCL when there is a GPU per rank).
-        timeout_s: wall-clock limit for the whole job.
+        timeout_s: wall-clock limit for the whole job, multiplied by $SLM_TIME_LIMIT_SCALE when set (the grader sets
+            it to its --time-limit-scale in the worker, so a distributed producer's limit stretches with its test's).
         may_die: ranks allowed to exit without returning; their result is None.
         pass_store: give each worker the address of the launcher's TCP store as its second argument.
         launcher: "local" (processes forked on this machine) or "ray" (Ray Train workers across a Ray cluster's
@@ -108,6 +121,7 @@ def run_distributed(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    timeout_s *= time_limit_scale()
     if launcher == "ray":
         if may_die or pass_store:
             raise ValueError("may_die and pass_store need launcher='local' (Ray Train fails a job when a rank exits)")

@@ -15,7 +15,8 @@ NF4 in blocks of 64 (its scales dequantized once, at load time):
     deq+mm                  dequantize-then-matmul in eager PyTorch (int4_dequantize, then x @ W'^T)
     compile(deq+mm)         the same function under torch.compile: the peer a user would reach for
     tiled int4 / nf4        w4a16.w4a16_matmul, the lab's (graded, teachable) tl.dot kernel
-    gemv int4 / nf4         w4a16_gemv.w4a16_fast, the reference's fast path (split-K GEMV, pre-shuffled layout)
+    gemv int4 / nf4         w4a16_gemv.w4a16_fast, the reference's fast path (split-K GEMV over a pre-shuffled layout
+                            for M <= 4; it hands larger M to the tiled kernel)
     Each timed call walks through weight copies that together exceed the L2 (as a decode step walks through its
     layers), `--calls` calls per timing, captured in a CUDA graph so that host launch overhead does not count
     (`--eager` times plain calls instead). Bandwidth is the bytes that must move (weights, scales, x, y) per second.
@@ -389,7 +390,7 @@ def sweep_gemv(device: torch.device, sizes: list[int], *, rounds: int, reps: int
         copies = weights["gemv int4"]
         x = torch.randn(1, size, device=device).to(torch.bfloat16)
         configs = {f"block_n={bn} split_k={sk}": GemvConfig(block_n=bn, split_k=sk)
-                   for bn in (16, 32, 64, 128) for sk in (1, 2, 4, 8, 16) if (size // 128) % sk == 0}
+                   for bn in (64, 128, 256, 512) for sk in (4, 8, 16, 32, 64) if (size // 128) % sk == 0}
 
         def cycle(config):
             def run():

@@ -1,4 +1,4 @@
-"""W4A16 for decode (M <= 16): a split-K GEMV over pre-shuffled 4-bit weights, one scale multiply per group.
+"""W4A16 for decode (M <= 4): a split-K GEMV over pre-shuffled 4-bit weights, one scale multiply per group.
 
 Not a task of the lab: the reference's fast path, to read after writing w4a16.py (the graded kernel stays the simple
 tiled one). Why the tiled kernel is slow at M = 1 (results/ and the README have the figures): each step does two
@@ -7,29 +7,46 @@ conversions), and gathers x at stride 2 to match the nibbles. A decode GEMV move
 2 N K flops, far below the tensor cores' reach: it should run at the memory's speed. This kernel is built for that
 (the techniques of Marlin, Frantar et al. 2024, arXiv:2408.11743, and gemlite, in Triton):
 
-1. GEMV, not tl.dot: for M <= 16 each program multiplies a (BLOCK_M, W) slice of x by a (BLOCK_N, W) slice of codes
-   elementwise and sums over W with `tl.sum` (broadcast-multiply-reduce on the CUDA cores).
+1. GEMV, not tl.dot: for M <= 4 each program multiplies a slice of x by a slice of codes elementwise on the CUDA
+   cores and keeps fp32 sums per lane, reduced once at its end.
 2. Pre-shuffled weights (`prepare_w4a16`, once, at load time). The codes of each group of P columns are stored as
-   P / 8 int32 words per row, group-major: words[g, n, w] holds, at bits 4i..4i+3, the code of column
-   g P + i (P / 8) + w (i = 0..7). A program's weights for one group are one contiguous run of BLOCK_N P / 2 bytes,
-   and shifting every word by 4i gives the codes of the contiguous columns g P + i P/8 ... g P + (i + 1) P/8 - 1, so
-   x is read contiguously too: no transposes, no stride-2 gathers.
-3. Scales once per group: each step covers exactly one group, so the scale multiplies the group's partial sum, not
+   P / 8 int32 words per row, group-major and with the rows innermost: words[g, w, n] holds, at bits 4i..4i+3, the
+   code of column g P + i (P / 8) + w (i = 0..7). A program's weights for one group are BLOCK_N contiguous words per
+   w, so a thread loads 4 neighbouring rows' words in one 16-byte access, and those 4 words share their columns:
+   one value of x serves 4 weights. Shifting a word by 4i gives nibble i, whose columns g P + i P/8 + w are
+   contiguous in x for consecutive w. (Rows innermost measured 1.3x faster at K = N = 4096 and 1.5x at 8192 on an
+   H200 than words innermost, where each thread's words had distinct columns and the loads of x, not DRAM, were the
+   bottleneck: L1 at 81% of its peak, DRAM at 19%.)
+3. Codes to floats without a conversion instruction: OR-ing a 4-bit code q into the mantissa of 2^23 gives the
+   float 2^23 + q exactly, so
+
+       v(q) = bitcast_f32(q | 0x4B000000) - (2^23 + 8) = q - 8        (int4; NF4 looks q up in the codebook)
+
+   costs one logic op and one add, not an int-to-float conversion (a quarter-rate instruction).
+4. Scales once per group: each step covers exactly one group, so the scale multiplies the group's partial sum, not
    every weight:
 
-       y[m, n] = sum_g s[n, g] sum_{k in g} v(q[n, k]) x[m, k]      v(q) = q - 8 (int4)  or  codebook[q] (NF4)
+       y[m, n] = sum_g s[n, g] sum_{k in g} v(q[n, k]) x[m, k]
 
-   and for int4, sum_k (q - 8) x = sum_k q x - 8 sum_k x, with sum_k x shared by every row of the tile.
    Scales are stored group-major too, (K / P, N) fp32, so a program's BLOCK_N scales are contiguous.
-4. Split-K across the whole GPU: at K = N = 4096 there are only 64 tiles of 64 rows; SPLIT_K programs share each
-   tile's K range and add their fp32 partial sums with atomics, so the grid covers every SM several times.
+5. Split-K across the whole GPU: at K = N = 4096 there are only 16 tiles of 256 rows; SPLIT_K programs share each
+   tile's K range and add their fp32 partial sums with atomics into a zeroed buffer, so the grid covers every SM
+   several times (adding in bf16 instead saves the final cast but measured errors up to 2e-2 of max|y|).
+
+Measured on an H200 (results/h200/run3.txt, CUDA graphs): 0.74x the bf16 matmul's time at K = N = 4096 and 0.64x at
+8192 for M = 1 (the target was 0.4x); 0.83x / 0.92x at M = 2; NF4 1.5x / 1.7x. What limits it (ncu, K = N = 8192,
+M = 1, results/h200/ncu_gemv_rows_inner.txt): the ALU pipe, at 61% of its peak with DRAM at 30%: the shift and the
+mask per weight are integer work beside the fp32 add and FMA. (Masking nibbles in place, without the shift, measured
+no faster.) Marlin and gemlite turn two codes into a packed half2 with one lop3 and do the multiply-adds on half2;
+Triton has no packed half2 arithmetic. NF4's codebook gather makes the L1 the bottleneck instead (86%).
 
 Not used, and why: CUDA graphs belong to the caller (a decode step captures all its layers at once; the benchmark
-times both eager and graph-captured calls); autotuning is against the kit's rules (fixed, commented blocks).
+times graph-captured calls); autotuning is against the kit's rules (fixed, commented blocks, from the benchmark's
+--sweep on an H200).
 
 Usage:
     fast = prepare_w4a16(int4_quantize(w, group_size=128))   # or an NF4Weight; once, at load time
-    y = w4a16_fast(x, fast)                                  # M <= 16: this GEMV; larger M: w4a16.w4a16_matmul
+    y = w4a16_fast(x, fast)                                  # M <= 4: this GEMV; larger M: w4a16.w4a16_matmul
 """
 
 from __future__ import annotations
@@ -45,7 +62,7 @@ from .nf4 import NF4Weight
 from .quantize import Int4Weight
 from .w4a16 import ACTIVATION_DTYPES, cached_codebook, w4a16_matmul
 
-GEMV_MAX_M = 16  # above this many rows the tiled tensor-core kernel (w4a16_matmul) is the right tool
+GEMV_MAX_M = 4  # above this many rows the tiled tensor-core kernel (w4a16_matmul) was faster on an H200
 CODES_PER_WORD = 8  # 4-bit codes per int32 word
 
 # -----------------------------------------------------------------------------
@@ -57,7 +74,7 @@ class GemvConfig:
     """block_n: output rows per program (a power of two >= 16). split_k: programs sharing one tile's K range (a
     power of two dividing the number of groups). num_warps: warps per program."""
 
-    block_n: int = 64
+    block_n: int = 128
     split_k: int = 1
     num_warps: int = 4
 
@@ -75,8 +92,8 @@ class PreparedW4A16:
     """A 4-bit weight in the GEMV layout, with the original kept for M > GEMV_MAX_M.
 
     Attributes:
-        words: (K / P, N, P / 8) int32, group-major; bits 4i..4i+3 of words[g, n, w] hold the code (0..15) of column
-            g P + i P / 8 + w.
+        words: (K / P, P / 8, N) int32, group-major, rows innermost; bits 4i..4i+3 of words[g, w, n] hold the code
+            (0..15) of row n's column g P + i P / 8 + w.
         scales: (K / P, N) fp32, group-major (NF4's double-quantized scales are dequantized here, once).
         group_size: P (int4's group, NF4's block).
         shape: (N, K).
@@ -100,12 +117,12 @@ class PreparedW4A16:
 
 
 def shuffle_codes(codes: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(N, K) codes in 0..15 -> (K / P, N, P / 8) int32 words of the GEMV layout (see the module docstring)."""
+    """(N, K) codes in 0..15 -> (K / P, P / 8, N) int32 words of the GEMV layout (see the module docstring)."""
     N, K = codes.shape
     words_per_group = group_size // CODES_PER_WORD
-    # column g P + i W + w goes to word (g, n, w), nibble i: view K as (G, 8, W) and move the nibble axis last
+    # column g P + i W + w goes to word (g, w, n), nibble i: view K as (G, 8, W), rows innermost, nibbles last
     nibbles = codes.to(torch.int64).reshape(N, K // group_size, CODES_PER_WORD, words_per_group)
-    nibbles = nibbles.permute(1, 0, 3, 2)  # (G, N, W, 8)
+    nibbles = nibbles.permute(1, 3, 0, 2)  # (G, W, N, 8)
     shifts = 4 * torch.arange(CODES_PER_WORD, device=codes.device, dtype=torch.int64)
     words = (nibbles << shifts).sum(dim=-1)  # 0 .. 2^32 - 1
     words = torch.where(words >= 2**31, words - 2**32, words)  # the same 32 bits as a signed int32
@@ -113,11 +130,11 @@ def shuffle_codes(codes: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def unshuffle_codes(words: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The inverse of shuffle_codes: (K / P, N, P / 8) int32 -> (N, K) int64 codes in 0..15."""
-    G, N, W = words.shape
+    """The inverse of shuffle_codes: (K / P, P / 8, N) int32 -> (N, K) int64 codes in 0..15."""
+    G, W, N = words.shape
     shifts = 4 * torch.arange(CODES_PER_WORD, device=words.device, dtype=torch.int64)
-    nibbles = (words.to(torch.int64)[..., None] >> shifts) % 16  # (G, N, W, 8)
-    return nibbles.permute(1, 0, 3, 2).reshape(N, G * group_size)
+    nibbles = (words.to(torch.int64)[..., None] >> shifts) % 16  # (G, W, N, 8)
+    return nibbles.permute(2, 0, 3, 1).reshape(N, G * group_size)
 
 
 def gemv_reference(x: torch.Tensor, prepared: PreparedW4A16) -> torch.Tensor:
@@ -163,23 +180,22 @@ def _sm_count(device_index: int) -> int:
 
 
 def default_gemv_config(M: int, N: int, K: int, group_size: int, device: torch.device) -> GemvConfig:
-    """Fixed tiles: 64 rows per program at M <= 4, fewer as M grows (the (BLOCK_M, BLOCK_N, P / 8) products live in
-    registers); split K until the grid covers every SM about 4 times (each split keeps at least 2 groups).
-
-    Not swept on the H200 yet (the benchmark's --sweep times a grid of these); under the interpreter, one split.
+    """Fixed tiles, from the H200 sweeps (results/h200/gemv_sweep*.json): 256 rows per program at M = 1, 128 at
+    M = 2..4 (the (BLOCK_M, P / 8, BLOCK_N) sums live in registers); split K until the grid covers every SM 8 times at
+    M = 1 and 4 times above (down to one group per program). Under the interpreter, one split of 16 rows.
     """
-    block_n = 64 if M <= 4 else (32 if M <= 8 else 16)
     if device.type != "cuda":
         return GemvConfig(block_n=16, split_k=1)
-    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    block_n, waves = (256, 8) if M == 1 else (128, 4)
+    target = waves * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     groups, split_k = K // group_size, 1
-    while triton.cdiv(N, block_n) * split_k < target and groups % (2 * split_k) == 0 and groups // (2 * split_k) >= 2:
+    while triton.cdiv(N, block_n) * split_k < target and groups % (2 * split_k) == 0:
         split_k *= 2
     return GemvConfig(block_n=block_n, split_k=split_k, num_warps=4)
 
 
 def w4a16_fast(x: torch.Tensor, prepared: PreparedW4A16, *, config: GemvConfig | None = None) -> torch.Tensor:
-    """y = x W'^T: the GEMV kernel for M <= GEMV_MAX_M, w4a16_matmul (the tiled kernel) above.
+    """y = x W'^T: the GEMV kernel for M <= GEMV_MAX_M (4), w4a16_matmul (the tiled kernel) above.
 
     Args:
         x: (M, K) activations, fp32/fp16/bf16, on the weight's device.
@@ -239,50 +255,49 @@ def w4a16_gemv_kernel(
     stride_xm, stride_xk, stride_om, stride_on,
     # meta-parameters
     GROUP_SIZE: tl.constexpr,  # P: columns per group, one scale each; a power of two >= 32
-    BLOCK_M: tl.constexpr,  # next power of two >= M (<= 16): every row of x in one program
+    BLOCK_M: tl.constexpr,  # next power of two >= M (<= 4): every row of x in one program
     BLOCK_N: tl.constexpr,  # output rows per program
     SPLIT_K: tl.constexpr,  # programs sharing a tile's groups; > 1 adds fp32 partial sums atomically
     IS_NF4: tl.constexpr,  # codebook lookup instead of q - 8
 ):
     """Program (n, s) computes y[:, n*BLOCK_N:(n+1)*BLOCK_N] over groups s*groups_per_split .. (s+1)*groups_per_split
     - 1 (the s-th of SPLIT_K slices of K). Grid axis 0 indexes N tiles, axis 1 K slices. Masks: rows of x beyond M,
-    rows of W beyond N."""
+    rows of W beyond N.
+
+    Every tensor is rank 3, (BLOCK_M, WORDS, BLOCK_N), from its load on: x is (BLOCK_M, WORDS, 1), the words and the
+    scales (1, WORDS or 1, BLOCK_N), so the broadcasts need no layout conversion."""
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     WORDS: tl.constexpr = GROUP_SIZE // 8  # int32 words per row per group
-    rows_x = tl.arange(0, BLOCK_M)  # every row of x
-    rows_w = tl.arange(0, BLOCK_N) + pid_n * BLOCK_N  # this program's rows of W (columns of y)
-    word = tl.arange(0, WORDS)
+    rows_x = tl.arange(0, BLOCK_M)[:, None, None]  # every row of x
+    word = tl.arange(0, WORDS)[None, :, None]
+    rows_w = (tl.arange(0, BLOCK_N) + pid_n * BLOCK_N)[None, None, :]  # this program's rows of W (columns of y)
     in_m = rows_x < M
     in_n = rows_w < N
-    # fp32 sums per lane: (BLOCK_M, BLOCK_N, WORDS), reduced over WORDS once, after the loop. A tl.sum over WORDS
-    # inside the loop costs a cross-lane reduction per nibble, which measured 1.9x bf16's time on an H200 at M = 1.
-    acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), tl.float32)
+    # fp32 sums per lane, reduced over WORDS once, after the loop (a reduction per group costs cross-lane shuffles)
+    acc = tl.zeros((BLOCK_M, WORDS, BLOCK_N), tl.float32)
     for g in range(pid_s * groups_per_split, (pid_s + 1) * groups_per_split):
-        # the tile's codes for this group: BLOCK_N * P / 2 contiguous bytes, (BLOCK_N, WORDS) int32
-        words = tl.load(words_ptr + (g * N + rows_w)[:, None] * WORDS + word[None, :], mask=in_n[:, None],
-                        other=0)
-        scale = tl.load(scales_ptr + g * N + rows_w, mask=in_n, other=0.0)  # (BLOCK_N,), once per group
-        partial = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)
+        # the tile's codes for this group: WORDS runs of BLOCK_N contiguous int32, (1, WORDS, BLOCK_N)
+        words = tl.load(words_ptr + (g * WORDS + word) * N + rows_w, mask=in_n, other=0)
+        scale = tl.load(scales_ptr + g * N + rows_w, mask=in_n, other=0.0)  # (1, 1, BLOCK_N), once per group
+        partial = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
         for i in tl.static_range(8):
             # nibble i of every word: columns g*P + i*WORDS .. g*P + (i+1)*WORDS - 1, contiguous in x as well
-            codes = (words >> (4 * i)) & 0xF  # (BLOCK_N, WORDS) in 0..15 (& drops the sign of word >> 28)
+            codes = (words >> (4 * i)) & 0xF  # in 0..15 (& drops the sign of word >> 28)
             columns = g * GROUP_SIZE + i * WORDS + word
-            x = tl.load(x_ptr + rows_x[:, None] * stride_xm + columns[None, :] * stride_xk, mask=in_m[:, None],
-                        other=0.0).to(tl.float32)  # (BLOCK_M, WORDS); fp32: the interpreter's bf16 math is wrong
+            x = tl.load(x_ptr + rows_x * stride_xm + columns * stride_xk, mask=in_m,
+                        other=0.0).to(tl.float32)  # (BLOCK_M, WORDS, 1); fp32: the interpreter's bf16 math is wrong
             if IS_NF4:
                 values = tl.load(codebook_ptr + codes)  # a 16-entry gather that stays in L1
             else:
-                values = codes.to(tl.float32)  # q + 8; the 8 comes off below, once per group
-                x_sum += x
-            partial += x[:, None, :] * values[None, :, :]  # one FMA per weight and row of x, no reduction
-        if not IS_NF4:
-            partial -= 8.0 * x_sum[:, None, :]
-        acc += partial * scale[None, :, None]  # one multiply per (row, word, group), not per weight
-    acc = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
-    out = out_ptr + rows_x[:, None] * stride_om + rows_w[None, :] * stride_on
-    mask = in_m[:, None] & in_n[None, :]
+                # the float 2^23 + q, exactly (q fills the low mantissa bits), minus 2^23 + 8: q - 8, no conversion
+                values = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            partial += x * values  # one FMA per weight and row of x, no reduction
+        acc += partial * scale  # one multiply per (row, word, group), not per weight
+    acc = tl.sum(acc, axis=1)  # (BLOCK_M, BLOCK_N)
+    rows_x, rows_w = tl.arange(0, BLOCK_M)[:, None], (tl.arange(0, BLOCK_N) + pid_n * BLOCK_N)[None, :]
+    out = out_ptr + rows_x * stride_om + rows_w * stride_on
+    mask = (rows_x < M) & (rows_w < N)
     if SPLIT_K == 1:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(out, acc, mask=mask)
+        tl.atomic_add(out, acc, mask=mask, sem="relaxed")
