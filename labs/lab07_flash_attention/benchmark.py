@@ -290,9 +290,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="a seconds-long CPU run of every section (tiny shapes)")
     parser.add_argument("--tiles", action="store_true", help="also time a grid of tile sizes (tuning.py)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the head-dim / dtype / length sweep")
+    parser.add_argument("--sweep-only", action="store_true", help="correctness, then only the sweep (its whole budget "
+                        "for the sweep: the headline shapes and the memory curve are skipped)")
     parser.add_argument("--budget-s", type=float, default=240.0, help="sweep points left after this many seconds "
                         "of the whole run are skipped (and listed as skipped)")
     args = parser.parse_args(argv)
+    if args.sweep_only and args.no_sweep:
+        parser.error("--sweep-only and --no-sweep exclude each other")
     if args.smoke:
         if not torch.cuda.is_available():
             os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined (imported)
@@ -333,7 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     peers = ["sdpa_flash", "cudnn"] if plan.device == "cuda" else ["sdpa"]
     headline = ["ours", *peers, "flex", "compiled_naive", "naive"]
-    for section, shape, backward in (("leaderboard", plan.leaderboard, True), ("forward", plan.forward, False)):
+    headline_sections = () if args.sweep_only else (
+        ("leaderboard", plan.leaderboard, True), ("forward", plan.forward, False))
+    for section, shape, backward in headline_sections:
         print(f"== {section}: {shape} {plan.headline_dtype} causal, {'forward+backward' if backward else 'forward'}")
         timed = time_variants(impls, headline, shape, causal=True, backward=backward, dtype=plan.headline_dtype,
                               plan=plan, rounds=plan.rounds, reps=plan.reps)
@@ -343,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["targets"].update(_verdicts(section, timed))
         save()
 
-    if plan.device == "cuda":
+    if plan.device == "cuda" and not args.sweep_only:
         results["leaderboard"]["ours_split"] = leaderboard_split(plan)
         print("== peak memory of forward+backward (B1 H16 D64 bf16 causal): naive O(N^2) vs ours O(N)")
         results["memory"] = memory_curve(impls)
