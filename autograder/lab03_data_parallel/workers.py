@@ -475,12 +475,15 @@ def reference_accumulation(*, num_microbatches: int, iterations: int, seed: int,
 
 
 def fault_run(world_size: int, victim: int, die_at_call: int, calls: int, seed: int, *, how: str = "before",
-              op: str = "sum", detect_timeout_s: float = 10.0, timeout_s: float = 75.0) -> list:
+              op: str = "sum", detect_timeout_s: float = 10.0, grace_s: float = 2.0, late_s: float = 0.0,
+              timeout_s: float = 75.0) -> list:
     """Producer: every rank calls all_reduce `calls` times; the victim dies in call `die_at_call`, `how`:
     "before" it enters it, "launched" right after starting its gloo all-reduce (mid-collective), or "completed" as
-    soon as its own all-reduce has completed (it holds the sum, but never tells the others)."""
+    soon as its own all-reduce has completed (it holds the sum, but never tells the others); or, with "late", it does
+    not die but enters that call `late_s` seconds after the others (a straggler)."""
     return run_distributed(fault_rank, world_size=world_size, may_die={victim}, pass_store=True, backend="gloo",
-                           timeout_s=timeout_s, args=(victim, die_at_call, calls, seed, how, op, detect_timeout_s))
+                           timeout_s=timeout_s,
+                           args=(victim, die_at_call, calls, seed, how, op, detect_timeout_s, grace_s, late_s))
 
 
 def fault_input(*, seed: int, call: int, rank: int) -> torch.Tensor:
@@ -521,16 +524,19 @@ def _arm_victim(how: str) -> None:
 
 
 def fault_rank(info, store_address, victim: int, die_at_call: int, calls: int, seed: int, how: str, op: str,
-               detect_timeout_s: float) -> list:
+               detect_timeout_s: float, grace_s: float, late_s: float) -> list:
     from lab03_data_parallel.fault_tolerant import FaultToleranceConfig, FaultTolerantAllReduce
 
     host, port = store_address
     store = dist.TCPStore(host, port, is_master=False)
     reducer = FaultTolerantAllReduce(store, rank=info.rank, world_size=info.world_size,
-                                     config=FaultToleranceConfig(detect_timeout_s=detect_timeout_s, grace_s=2.0))
+                                     config=FaultToleranceConfig(detect_timeout_s=detect_timeout_s, grace_s=grace_s))
     results = []
     for call in range(calls):
-        dying = info.rank == victim and call == die_at_call
+        late = info.rank == victim and call == die_at_call and how == "late"
+        dying = info.rank == victim and call == die_at_call and not late
+        if late:
+            time.sleep(late_s)  # a straggler, not a corpse
         if dying and how == "before":
             os._exit(17)  # no cleanup, no goodbye: the sockets just close
         if dying:
