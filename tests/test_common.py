@@ -152,6 +152,18 @@ def test_deadlock_becomes_a_timeout():
     assert time.monotonic() - start < 30
 
 
+def test_the_grader_scale_stretches_the_limit(monkeypatch):
+    """$SLM_TIME_LIMIT_SCALE (the grader's --time-limit-scale, set in its worker) multiplies timeout_s; a value that
+    is not a positive number is refused before any rank starts."""
+    monkeypatch.setenv("SLM_TIME_LIMIT_SCALE", "0.5")
+    with pytest.raises(DistributedTimeout, match="did not finish within 4 s"):
+        run_distributed(dist_workers.skip_the_collective_on_rank_zero, world_size=2, backend="gloo", timeout_s=8)
+    for bad in ("0", "-1", "fast", "nan"):
+        monkeypatch.setenv("SLM_TIME_LIMIT_SCALE", bad)
+        with pytest.raises(ValueError, match="SLM_TIME_LIMIT_SCALE must be a positive number"):
+            run_distributed(dist_workers.skip_the_collective_on_rank_zero, world_size=2, backend="gloo", timeout_s=8)
+
+
 def test_hard_exit_and_sys_exit_are_reported():
     with pytest.raises(DistributedError, match="exited with code 7"):
         run_distributed(dist_workers.hard_exit_on_last_rank, world_size=3, backend="gloo", timeout_s=60)
