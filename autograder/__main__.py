@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--progress", choices=("bar", "lines", "off"),
                        help="progress while grading (default: a bar on a terminal, plain lines otherwise)")
     grade.add_argument("--time-limit-scale", type=float, default=float(os.environ.get("SLM_TIME_LIMIT_SCALE", 1.0)),
-                       help="multiply every test's time limit, and run_distributed's inside the worker (a slow machine: 2; default $SLM_TIME_LIMIT_SCALE or 1)")
+                       help="multiply every test's time limit, and run_distributed's inside the worker (a slow "
+                            "machine: 2; default $SLM_TIME_LIMIT_SCALE or 1)")
     grade.add_argument("--jail", choices=("auto", "require", "off"), default=os.environ.get("SLM_JAIL", "auto"),
                        help="confine student code with bubblewrap: auto (if available, else warn), require, off")
 
